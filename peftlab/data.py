@@ -1,0 +1,380 @@
+"""Data sets by name, prompt formatting, label masking and collators.
+
+Two kinds of data set, one loader (:func:`load`):
+
+* the project's own **teaching sets** in ``data/`` (``fin_headlines``, ``instructions``, ``preferences``), small and
+  written for this workbook (see ``data/DATASHEET.md``): the smoke profile runs on them, with no data folder at all;
+* **public sets** listed in ``data/catalogue.json`` (source, licence, md5). They are never committed: peftlab reads
+  them from ``$PEFTLAB_DATA_DIR`` (CI: ``../shared/data``), or downloads them when the user asks
+  (``download=True`` or ``PEFTLAB_DOWNLOAD=1``) into ``$PEFTLAB_HOME/data``, checking each file's md5.
+
+Every set comes back as a list of plain dicts in one schema per task:
+
+* ``classification``: ``{"text": str, "label": int}``
+* ``instruction``: ``{"instruction": str, "input": str, "output": str}``
+* ``preference``: ``{"messages": [{"role", "content"}, ...], "chosen": str, "rejected": str}``
+* ``text``: ``{"text": str}`` (poems also carry ``title`` and ``author``)
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import os
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from peftlab.models import home_dir
+
+#: Label names of the financial sentiment sets (public tweets and the teaching headlines): 0, 1, 2.
+SENTIMENT_LABELS = ("bearish", "bullish", "neutral")
+SENTIMENT_LABELS_ZH = ("利空", "利好", "中性")
+
+#: The value that ``torch.nn.functional.cross_entropy`` ignores: labels of tokens the loss must not see.
+IGNORE_INDEX = -100
+
+TEACHING_SETS = {
+    "fin_headlines": {"file": "fin_headlines.jsonl", "task": "classification"},
+    "instructions": {"file": "instructions.jsonl", "task": "instruction"},
+    "preferences": {"file": "preferences.jsonl", "task": "preference"},
+}
+SPLITS = ("train", "validation")
+#: Teaching sets are split deterministically: every fifth row (per language) is validation.
+VALIDATION_EVERY = 5
+
+
+class DataError(ValueError):
+    """A data set that is unknown, missing, damaged or malformed."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where data lives
+# ----------------------------------------------------------------------------------------------------------------
+def project_data_dir() -> Path:
+    """The project's ``data/`` folder: beside the package in a checkout, inside it (``_data``) in a wheel."""
+    package = Path(__file__).resolve().parent
+    for candidate in (package.parent / "data", package / "_data"):
+        if (candidate / "catalogue.json").exists():
+            return candidate
+    raise DataError(f"peftlab's data folder is missing (looked beside {package}). Reinstall peftlab.")
+
+
+def catalogue() -> dict[str, dict]:
+    """The public data sets peftlab knows, by name: description, task, source, licence, files with md5."""
+    entries = json.loads((project_data_dir() / "catalogue.json").read_text(encoding="utf-8"))
+    return {name: entry for name, entry in entries.items() if not name.startswith("_")}
+
+
+def dataset_names() -> list[str]:
+    """Every name :func:`load` accepts: the teaching sets, then the public sets."""
+    return [*TEACHING_SETS, *catalogue()]
+
+
+def public_data_dir() -> Path | None:
+    """The folder named by ``$PEFTLAB_DATA_DIR``, or ``None`` when the variable is unset."""
+    value = os.environ.get("PEFTLAB_DATA_DIR")
+    if not value:
+        return None
+    folder = Path(value).expanduser()
+    if not folder.is_dir():
+        raise DataError(
+            f"PEFTLAB_DATA_DIR={value!r} is not a folder. Point it at the folder that holds the public data sets "
+            "(in CI: ../shared/data), or unset it and download with download=True."
+        )
+    return folder
+
+
+def md5_of(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_md5(path: Path, expected: str) -> Path:
+    actual = md5_of(path)
+    if actual != expected:
+        raise DataError(
+            f"{path} has md5 {actual}, but the catalogue expects {expected}: the file is damaged or another "
+            "version. Replace it with the catalogued file (download=True fetches it)."
+        )
+    return path
+
+
+def _download(url: str, target: Path, md5: str) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(target.name + ".partial")
+    print(f"Downloading {url} -> {target}")
+    urllib.request.urlretrieve(url, partial)
+    _check_md5(partial, md5)
+    partial.replace(target)
+    return target
+
+
+def public_file(name: str, split: str, download: bool | None = None) -> Path:
+    """The local path of one split of a public set, checked against its md5 (downloaded if asked for)."""
+    entry = catalogue()[name]
+    if split not in entry["splits"]:
+        raise DataError(f"{name!r} has no split {split!r}; it has {', '.join(entry['splits'])}.")
+    spec = entry["splits"][split]
+    folder = public_data_dir()
+    candidates = ([folder / spec["path"]] if folder else []) + [home_dir() / "data" / spec["path"]]
+    for path in candidates:
+        if path.exists():
+            return _check_md5(path, spec["md5"])
+    if download is None:
+        download = os.environ.get("PEFTLAB_DOWNLOAD", "") == "1"
+    if download:
+        return _download(spec["url"], candidates[-1], spec["md5"])
+    where = f"in PEFTLAB_DATA_DIR={folder}" if folder else "(PEFTLAB_DATA_DIR is not set)"
+    raise DataError(
+        f"Data set {name!r} needs {spec['path']}, not found {where} nor in {home_dir() / 'data'}. Either set "
+        f"PEFTLAB_DATA_DIR to a folder holding it (in CI: ../shared/data), or, online, download it: "
+        f"peftlab.data.load({name!r}, download=True) or PEFTLAB_DOWNLOAD=1."
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading and checking rows
+# ----------------------------------------------------------------------------------------------------------------
+def _require(row: dict, fields: dict[str, type], where: str) -> None:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected an object with fields {', '.join(fields)}, got {type(row).__name__}.")
+    for field, kind in fields.items():
+        if field not in row:
+            raise DataError(
+                f"{where}: field {field!r} is missing (expected: {', '.join(fields)}). Fix or drop the row."
+            )
+        if not isinstance(row[field], kind):
+            raise DataError(
+                f"{where}: field {field!r} should be {kind.__name__}, got {type(row[field]).__name__} "
+                f"({row[field]!r:.60}). Fix or drop the row."
+            )
+
+
+def _check_label(label: int, labels: tuple[str, ...], where: str) -> int:
+    if not 0 <= label < len(labels):
+        raise DataError(f"{where}: label {label} is out of range 0..{len(labels) - 1} ({', '.join(labels)}).")
+    return label
+
+
+def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            rows.append((where, json.loads(line)))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg}). Fix or drop the line.") from error
+    return rows
+
+
+def _teaching_rows(name: str, path: Path) -> list[dict]:
+    task = TEACHING_SETS[name]["task"]
+    rows = []
+    for where, row in _read_jsonl(path):
+        _require(row, {"id": str, "lang": str}, where)
+        if task == "classification":
+            _require(row, {"text": str, "label": int}, where)
+            _check_label(row["label"], SENTIMENT_LABELS, where)
+            rows.append({"text": row["text"], "label": row["label"], "lang": row["lang"], "id": row["id"]})
+        elif task == "instruction":
+            _require(row, {"instruction": str, "input": str, "output": str}, where)
+            rows.append({k: row[k] for k in ("instruction", "input", "output", "lang", "id")})
+        else:
+            _require(row, {"prompt": str, "chosen": str, "rejected": str}, where)
+            messages = [{"role": "user", "content": row["prompt"]}]
+            rows.append({"messages": messages, "chosen": row["chosen"], "rejected": row["rejected"],
+                         "lang": row["lang"], "id": row["id"]})  # fmt: skip
+    return rows
+
+
+def _split_teaching(rows: list[dict], split: str) -> list[dict]:
+    """Every fifth row of each language is validation; the rest is train."""
+    position: dict[str, int] = {}
+    chosen = []
+    for row in rows:
+        index = position[row["lang"]] = position.get(row["lang"], -1) + 1
+        is_validation = index % VALIDATION_EVERY == VALIDATION_EVERY - 1
+        if is_validation == (split == "validation"):
+            chosen.append(row)
+    return chosen
+
+
+def _read_fin_tweets(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8", newline="") as file:
+        reader = csv.DictReader(file)
+        if reader.fieldnames != ["text", "label"]:
+            raise DataError(f"{path}: expected the columns text,label, found {reader.fieldnames}.")
+        for number, row in enumerate(reader, start=2):
+            where = f"{path}:{number}"
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError) as error:
+                raise DataError(f"{where}: label {row['label']!r} is not an integer 0, 1 or 2.") from error
+            if not row["text"]:
+                raise DataError(f"{where}: empty text. Fix or drop the row.")
+            rows.append({"text": row["text"], "label": _check_label(label, SENTIMENT_LABELS, where), "lang": "en"})
+    return rows
+
+
+_ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
+
+
+def _read_sharegpt_preferences(path: Path, language: str) -> list[dict]:
+    rows = []
+    for index, row in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        where = f"{path}[{index}]"
+        _require(row, {"conversations": list, "chosen": dict, "rejected": dict}, where)
+        messages = []
+        for turn in row["conversations"]:
+            _require(turn, {"from": str, "value": str}, where)
+            if turn["from"] not in _ROLES:
+                raise DataError(f"{where}: unknown speaker {turn['from']!r}; expected one of {', '.join(_ROLES)}.")
+            messages.append({"role": _ROLES[turn["from"]], "content": turn["value"]})
+        if not messages or messages[-1]["role"] != "user":
+            raise DataError(f"{where}: the conversation must end with a human turn, which chosen/rejected answer.")
+        for answer in ("chosen", "rejected"):
+            _require(row[answer], {"value": str}, f"{where}.{answer}")
+        rows.append({"messages": messages, "chosen": row["chosen"]["value"], "rejected": row["rejected"]["value"],
+                     "lang": language})  # fmt: skip
+    return rows
+
+
+def _read_public(name: str, split: str, download: bool | None) -> list[dict]:
+    path = public_file(name, split, download)
+    language = catalogue()[name]["language"]
+    if name == "fin_tweets":
+        return _read_fin_tweets(path)
+    if name.startswith("alpaca"):
+        rows = []
+        for index, row in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+            _require(row, {"instruction": str, "input": str, "output": str}, f"{path}[{index}]")
+            rows.append({"instruction": row["instruction"], "input": row["input"], "output": row["output"],
+                         "lang": language})  # fmt: skip
+        return rows
+    if name.startswith("dpo"):
+        return _read_sharegpt_preferences(path, language)
+    if name == "tinyshakespeare":
+        return [{"text": path.read_text(encoding="utf-8"), "lang": language}]
+    poems = []
+    for index, poem in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        _require(poem, {"title": str, "author": str, "paragraphs": list}, f"{path}[{index}]")
+        poems.append({"title": poem["title"], "author": poem["author"], "text": "\n".join(poem["paragraphs"]),
+                      "lang": language})  # fmt: skip
+    return poems
+
+
+def load(
+    name: str,
+    split: str = "train",
+    *,
+    languages: tuple[str, ...] | None = None,
+    limit: int | None = None,
+    download: bool | None = None,
+) -> list[dict]:
+    """Rows of a data set by name (see :func:`dataset_names`), as plain dicts in the task's schema.
+
+    ``languages`` keeps rows of those languages (``("en",)``); ``limit`` keeps the first rows, for smoke runs.
+    """
+    if split not in SPLITS:
+        raise DataError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    if name in TEACHING_SETS:
+        rows = _split_teaching(_teaching_rows(name, project_data_dir() / TEACHING_SETS[name]["file"]), split)
+    elif name in catalogue():
+        rows = _read_public(name, split, download)
+    else:
+        close = difflib.get_close_matches(name, dataset_names(), n=2, cutoff=0.4)
+        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+        raise DataError(f"Unknown data set {name!r}.{hint} Known: {', '.join(dataset_names())}.")
+    if languages is not None:
+        rows = [row for row in rows if row["lang"] in languages]
+    return rows[:limit] if limit is not None else rows
+
+
+def task_of(name: str) -> str:
+    """The task a data set serves: classification, instruction, preference or text."""
+    return TEACHING_SETS[name]["task"] if name in TEACHING_SETS else catalogue()[name]["task"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formatting and label masking
+# ----------------------------------------------------------------------------------------------------------------
+def instruction_messages(row: dict) -> list[dict]:
+    """An Alpaca row as chat messages: the instruction (and input, after a blank line) is the user's turn."""
+    user = row["instruction"] if not row["input"] else f"{row['instruction']}\n\n{row['input']}"
+    return [{"role": "user", "content": user}]
+
+
+def prompt_text(tokenizer, messages: list[dict]) -> str:
+    """The prompt a chat model sees before it answers: the chat template with the assistant's header."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_length: int) -> dict[str, list[int]]:
+    """Token ids of ``prompt + response + eos`` and labels that train on the response only.
+
+    The labels copy the ids, with the prompt's positions set to ``IGNORE_INDEX`` (-100), so that the loss
+    ``-Σ log p(response_t | prompt, response_<t)`` counts the answer and never the question. Prompt and response
+    are tokenised apart so that the boundary is exact. Truncation keeps the start (``max_length`` tokens).
+    """
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    input_ids = (prompt_ids + response_ids)[:max_length]
+    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
+
+
+def tokenize_instruction(tokenizer, row: dict, max_length: int = 256) -> dict[str, list[int]]:
+    """An Alpaca row through the chat template, with the prompt masked out of the labels."""
+    return tokenize_prompt_response(tokenizer, prompt_text(tokenizer, instruction_messages(row)), row["output"],
+                                    max_length)  # fmt: skip
+
+
+def tokenize_classification(tokenizer, rows: list[dict], max_length: int = 64) -> list[dict]:
+    """Encoder inputs for ``{"text", "label"}`` rows: ids, attention mask and the class index."""
+    encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=max_length)
+    return [
+        {"input_ids": ids, "attention_mask": mask, "labels": row["label"]}
+        for ids, mask, row in zip(encoded["input_ids"], encoded["attention_mask"], rows, strict=True)
+    ]
+
+
+@dataclass
+class PadCollator:
+    """Pads a list of tokenised examples into one batch of tensors.
+
+    ``input_ids`` are padded with ``pad_token_id``, ``attention_mask`` with 0, and sequence ``labels`` with -100
+    (so padding never enters the loss); scalar labels (classification) become a 1-D tensor.
+    """
+
+    pad_token_id: int
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(feature["input_ids"]) for feature in features)
+        pad_values = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
+        batch = {}
+        for key in features[0]:
+            values = [feature[key] for feature in features]
+            if isinstance(values[0], list):
+                values = [value + [pad_values[key]] * (width - len(value)) for value in values]
+            batch[key] = torch.tensor(values)
+        return batch
+
+
+def make_loader(features: list[dict], tokenizer, batch_size: int, shuffle: bool = False, seed: int = 0):
+    """A DataLoader over tokenised examples with :class:`PadCollator` (seeded shuffling)."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(
+        features, batch_size=batch_size, shuffle=shuffle, generator=generator,
+        collate_fn=PadCollator(pad_token_id=tokenizer.pad_token_id),
+    )  # fmt: skip

@@ -1,0 +1,68 @@
+"""Selective methods: train a chosen subset of the pretrained weights and freeze the rest.
+
+Fine-tuning learns an update ΔW for the pretrained weights W, W' = W + ΔW. The selective methods differ only in
+*which* entries of ΔW may be non-zero:
+
+* **Full fine-tuning** (全量微调): every weight trains; ΔW is dense.
+* **Freeze** (冻结微调; "freeze tuning" in LLaMA-Factory): only the top ``k`` transformer blocks and the task head
+  train. The lower blocks, which hold the most general features, stay as pretrained (Yosinski et al., 2014, "How
+  transferable are features in deep neural networks?"). ``k = 0`` trains the head alone: a linear probe of the
+  frozen model, the baseline every method should beat.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from peftlab.params import kind_of, layer_of, parameter_table
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """Full fine-tuning: every parameter trains."""
+
+
+@dataclass(frozen=True)
+class FreezeConfig:
+    """Train the top ``trainable_layers`` transformer blocks (and the task head when ``train_head``)."""
+
+    trainable_layers: int = 2
+    train_head: bool = True
+
+    def __post_init__(self):
+        if self.trainable_layers < 0:
+            raise ValueError(f"trainable_layers must be 0 or more, got {self.trainable_layers}.")
+
+
+def num_blocks(model: nn.Module) -> int:
+    """Number of transformer blocks, read from the layer indices of the parameter names."""
+    layers = parameter_table(model)["layer"].dropna()
+    if layers.empty:
+        raise ValueError(f"No transformer blocks found in {type(model).__name__} (no '...layers.N...' parameters).")
+    return int(layers.max()) + 1
+
+
+def apply(model: nn.Module, config: FullConfig | FreezeConfig) -> nn.Module:
+    """Set ``requires_grad`` on the parameters the method trains, and clear it on all the others."""
+    if isinstance(config, FullConfig):
+        model.requires_grad_(True)
+        return model
+    if not isinstance(config, FreezeConfig):
+        raise TypeError(f"selective.apply takes FullConfig or FreezeConfig, got {type(config).__name__}.")
+    blocks = num_blocks(model)
+    if config.trainable_layers > blocks:
+        raise ValueError(
+            f"trainable_layers={config.trainable_layers}, but {type(model).__name__} has {blocks} blocks: "
+            f"choose 0..{blocks}."
+        )
+    first_trained = blocks - config.trainable_layers
+    modules = dict(model.named_modules())
+    for name, param in model.named_parameters():
+        layer = layer_of(name)
+        in_top_blocks = layer is not None and layer >= first_trained
+        module = modules.get(name.rsplit(".", 1)[0], model)
+        is_head = config.train_head and kind_of(name, module) == "head"
+        param.requires_grad_(in_top_blocks or is_head)
+    return model

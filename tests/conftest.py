@@ -1,0 +1,37 @@
+"""Shared fixtures. Tests run on a CPU in seconds: tiny random-init models, the teaching sets, and the public
+sets from $PEFTLAB_DATA_DIR (CI sets it to ../shared/data)."""
+
+import os
+from pathlib import Path
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def public_data_dir(monkeypatch) -> Path:
+    """The folder of the public data sets: $PEFTLAB_DATA_DIR, else ../shared/data beside the checkout.
+
+    Outside CI a machine without them skips the tests that read them; in CI (CI=true) their absence fails.
+    """
+    candidates = [os.environ.get("PEFTLAB_DATA_DIR"), REPO.parent / "shared" / "data"]
+    for candidate in candidates:
+        if candidate and (Path(candidate) / "fin_tweets").is_dir():
+            monkeypatch.setenv("PEFTLAB_DATA_DIR", str(candidate))
+            return Path(candidate)
+    if os.environ.get("CI"):
+        pytest.fail("CI must provide the public data sets: set PEFTLAB_DATA_DIR (.ci/run points it at ../shared/data)")
+    pytest.skip("public data sets not available here (set PEFTLAB_DATA_DIR)")
+
+
+@pytest.fixture
+def no_public_data(monkeypatch, tmp_path) -> Path:
+    """No data folder and an empty peftlab home: as on a fresh offline machine."""
+    monkeypatch.delenv("PEFTLAB_DATA_DIR", raising=False)
+    monkeypatch.delenv("PEFTLAB_DOWNLOAD", raising=False)
+    monkeypatch.setenv("PEFTLAB_HOME", str(tmp_path / "home"))
+    return tmp_path

@@ -1,0 +1,222 @@
+import hashlib
+import json
+import re
+import shutil
+from collections import Counter
+
+import pytest
+
+from peftlab import data, models
+
+REPO_DATA = data.project_data_dir()
+
+
+# -- the teaching sets --------------------------------------------------------------------------------------------
+def all_rows(name):
+    return data.load(name, "train") + data.load(name, "validation")
+
+
+def test_headlines_are_balanced_in_both_languages():
+    rows = all_rows("fin_headlines")
+    assert len(rows) >= 300
+    per_language = Counter((row["lang"], row["label"]) for row in rows)
+    for lang in ("en", "zh"):
+        counts = [per_language[(lang, label)] for label in range(3)]
+        assert min(counts) >= 50 and max(counts) - min(counts) <= 0.1 * max(counts), (lang, counts)
+
+
+def test_instruction_and_preference_sets_have_both_languages():
+    instructions = Counter(row["lang"] for row in all_rows("instructions"))
+    preferences = Counter(row["lang"] for row in all_rows("preferences"))
+    assert instructions["en"] >= 100 and instructions["zh"] >= 100
+    assert preferences["en"] >= 60 and preferences["zh"] >= 60
+    for row in all_rows("preferences"):
+        assert row["chosen"] != row["rejected"] and row["messages"][-1]["role"] == "user"
+
+
+@pytest.mark.parametrize("name", list(data.TEACHING_SETS))
+def test_teaching_splits_are_disjoint_and_cover_every_row(name):
+    train_ids = [row["id"] for row in data.load(name, "train")]
+    validation_ids = [row["id"] for row in data.load(name, "validation")]
+    assert not set(train_ids) & set(validation_ids)
+    assert len(train_ids) + len(validation_ids) == len(set(train_ids) | set(validation_ids))
+    assert 0.15 <= len(validation_ids) / (len(train_ids) + len(validation_ids)) <= 0.25
+
+
+def test_no_duplicate_texts_in_the_headlines():
+    texts = [row["text"].strip().lower() for row in all_rows("fin_headlines")]
+    assert len(texts) == len(set(texts))
+
+
+def test_datasheet_checksums_match_the_files():
+    sheet = (REPO_DATA / "DATASHEET.md").read_text(encoding="utf-8")
+    for spec in data.TEACHING_SETS.values():
+        digest = hashlib.md5((REPO_DATA / spec["file"]).read_bytes()).hexdigest()
+        assert re.search(rf"{re.escape(spec['file'])}.*{digest}", sheet), f"{spec['file']}: md5 {digest} not in sheet"
+
+
+def test_languages_and_limit_filter_rows():
+    rows = data.load("fin_headlines", languages=("zh",), limit=5)
+    assert len(rows) == 5 and {row["lang"] for row in rows} == {"zh"}
+
+
+# -- the public sets ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", list(data.catalogue()))
+def test_public_sets_load_with_catalogued_rows(public_data_dir, name):
+    entry = data.catalogue()[name]
+    for split, spec in entry["splits"].items():
+        rows = data.load(name, split)
+        expected = 1 if name == "tinyshakespeare" else spec["rows"]
+        assert len(rows) == expected
+        assert data.task_of(name) == entry["task"]
+
+
+def test_public_rows_share_the_teaching_schema(public_data_dir):
+    tweet = data.load("fin_tweets", "validation", limit=1)[0]
+    assert set(tweet) >= {"text", "label"} and tweet["label"] in (0, 1, 2)
+    pair = data.load("dpo_zh_demo", limit=1)[0]
+    assert set(pair) >= {"messages", "chosen", "rejected"}
+    assert {m["role"] for m in pair["messages"]} <= {"system", "user", "assistant"}
+    poem = data.load("tang_poems", limit=1)[0]
+    assert poem["title"] and "\n" in poem["text"]
+    assert len(data.load("tinyshakespeare")[0]["text"]) == 1_115_394
+
+
+def test_a_damaged_file_fails_its_checksum(public_data_dir, tmp_path, monkeypatch):
+    shutil.copytree(public_data_dir / "fin_tweets", tmp_path / "fin_tweets")
+    with open(tmp_path / "fin_tweets" / "sent_valid.csv", "a", encoding="utf-8") as file:
+        file.write("one more row,1\n")
+    monkeypatch.setenv("PEFTLAB_DATA_DIR", str(tmp_path))
+    with pytest.raises(data.DataError, match=r"has md5 .* but the catalogue expects 609440cc"):
+        data.load("fin_tweets", "validation")
+
+
+def test_download_fetches_checks_and_caches(no_public_data, monkeypatch):
+    """The download path, without a network: the catalogue's URL points at a local file."""
+    source = no_public_data / "remote.csv"
+    source.write_text("text,label\nShares jump,1\n", encoding="utf-8")
+    entry = {
+        "fin_tweets": {
+            **data.catalogue()["fin_tweets"],
+            "splits": {
+                "validation": {
+                    "path": "fin_tweets/sent_valid.csv",
+                    "url": source.as_uri(),
+                    "md5": data.md5_of(source),
+                    "rows": 1,
+                }
+            },
+        }
+    }
+    monkeypatch.setattr(data, "catalogue", lambda: entry)
+    with pytest.raises(data.DataError, match=r"(?s)PEFTLAB_DATA_DIR is not set.*download=True"):
+        data.load("fin_tweets", "validation")
+    assert data.load("fin_tweets", "validation", download=True) == [{"text": "Shares jump", "label": 1, "lang": "en"}]
+    assert (models.home_dir() / "data" / "fin_tweets" / "sent_valid.csv").exists()
+    assert len(data.load("fin_tweets", "validation")) == 1  # now cached: no download needed
+
+
+def test_a_download_with_the_wrong_checksum_leaves_nothing(no_public_data, monkeypatch):
+    source = no_public_data / "remote.csv"
+    source.write_text("text,label\nx,1\n", encoding="utf-8")
+    entry = {
+        "fin_tweets": {
+            **data.catalogue()["fin_tweets"],
+            "splits": {
+                "train": {"path": "fin_tweets/sent_train.csv", "url": source.as_uri(), "md5": "0" * 32, "rows": 1}
+            },
+        }
+    }
+    monkeypatch.setattr(data, "catalogue", lambda: entry)
+    with pytest.raises(data.DataError, match="damaged or another version"):
+        data.load("fin_tweets", download=True)
+    assert not (models.home_dir() / "data" / "fin_tweets" / "sent_train.csv").exists()
+
+
+# -- bad input ----------------------------------------------------------------------------------------------------
+def test_unknown_data_set_suggests_a_name():
+    with pytest.raises(data.DataError, match=r"Unknown data set 'fin_tweet'.*Did you mean 'fin_tweets'"):
+        data.load("fin_tweet")
+
+
+def test_unknown_split_lists_the_splits():
+    with pytest.raises(data.DataError, match="Unknown split 'test'"):
+        data.load("fin_headlines", "test")
+
+
+def test_missing_data_folder_says_what_to_set(monkeypatch, tmp_path):
+    monkeypatch.setenv("PEFTLAB_DATA_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(data.DataError, match=r"PEFTLAB_DATA_DIR='.*nowhere' is not a folder"):
+        data.load("fin_tweets")
+
+
+def test_missing_public_file_says_how_to_get_it(no_public_data):
+    with pytest.raises(data.DataError, match=r"(?s)needs fin_tweets/sent_train.csv.*PEFTLAB_DATA_DIR.*download=True"):
+        data.load("fin_tweets")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [('{"id": "en-1", "lang": "en", "text": "x"', "not valid JSON"),
+     ('{"id": "en-1", "lang": "en", "label": 1}', "field 'text' is missing"),
+     ('{"id": "en-1", "lang": "en", "text": "x", "label": "1"}', "field 'label' should be int"),
+     ('{"id": "en-1", "lang": "en", "text": "x", "label": 7}', r"label 7 is out of range 0\.\.2"),
+     ('["not", "an", "object"]', "expected an object")],
+)  # fmt: skip
+def test_malformed_teaching_rows_name_the_file_and_line(tmp_path, monkeypatch, line, message):
+    good = json.dumps({"id": "en-0", "lang": "en", "text": "fine", "label": 0})
+    (tmp_path / "fin_headlines.jsonl").write_text(f"{good}\n{line}\n", encoding="utf-8")
+    shutil.copy(REPO_DATA / "catalogue.json", tmp_path)
+    monkeypatch.setattr(data, "project_data_dir", lambda: tmp_path)
+    with pytest.raises(data.DataError, match=rf"fin_headlines.jsonl:2: .*{message}"):
+        data.load("fin_headlines")
+
+
+def test_malformed_csv_label_names_the_line(public_data_dir, tmp_path, monkeypatch):
+    (tmp_path / "bad.csv").write_text("text,label\nok,1\nbad,positive\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"bad.csv:3: label 'positive' is not an integer"):
+        data._read_fin_tweets(tmp_path / "bad.csv")
+
+
+# -- formatting, masking, collating -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def chat_tokenizer():
+    return models.load_causal_lm()[1]
+
+
+def test_label_masking_trains_on_the_answer_only(chat_tokenizer):
+    row = {"instruction": "Translate to French.", "input": "Good morning", "output": "Bonjour"}
+    example = data.tokenize_instruction(chat_tokenizer, row)
+    prompt = data.prompt_text(chat_tokenizer, data.instruction_messages(row))
+    n_prompt = len(chat_tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert example["labels"][:n_prompt] == [data.IGNORE_INDEX] * n_prompt
+    assert example["labels"][n_prompt:] == example["input_ids"][n_prompt:]
+    assert chat_tokenizer.decode(example["input_ids"][n_prompt:]) == "Bonjour" + chat_tokenizer.eos_token
+    assert "Translate to French.\n\nGood morning" in prompt and prompt.rstrip().endswith("assistant")
+
+
+def test_truncation_keeps_the_start_and_stays_aligned(chat_tokenizer):
+    row = {"instruction": "Count.", "input": "", "output": " ".join(map(str, range(200)))}
+    example = data.tokenize_instruction(chat_tokenizer, row, max_length=32)
+    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 32
+
+
+def test_collator_pads_ids_masks_and_labels():
+    collate = data.PadCollator(pad_token_id=9)
+    batch = collate([{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1], "labels": [-100, 2, 3]},
+                     {"input_ids": [4], "attention_mask": [1], "labels": [4]}])  # fmt: skip
+    assert batch["input_ids"].tolist() == [[1, 2, 3], [4, 9, 9]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 2, 3], [4, -100, -100]]
+    scalar = collate([{"input_ids": [1], "attention_mask": [1], "labels": 2}])
+    assert scalar["labels"].tolist() == [2]
+
+
+def test_classification_features_and_loader():
+    _, tokenizer = models.load_encoder()
+    rows = data.load("fin_headlines", languages=("en",), limit=10)
+    features = data.tokenize_classification(tokenizer, rows, max_length=16)
+    assert all(len(f["input_ids"]) <= 16 for f in features) and [f["labels"] for f in features] == [
+        r["label"] for r in rows]  # fmt: skip
+    batch = next(iter(data.make_loader(features, tokenizer, batch_size=4)))
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)

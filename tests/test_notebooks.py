@@ -1,0 +1,46 @@
+"""The notebooks as files: clean in git, on the template, listed in the README. (nbval runs them.)"""
+
+import re
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tools"))
+import notebooks as notebook_tools  # noqa: E402
+
+NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+
+
+def test_there_are_notebooks_and_they_are_numbered():
+    assert NOTEBOOKS
+    for path in NOTEBOOKS:
+        assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name), path.name
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_is_clean(path):
+    assert notebook_tools.problems(nbformat.read(path, as_version=4)) == []
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_follows_the_template(path):
+    notebook = nbformat.read(path, as_version=4)
+    title = notebook.cells[0]
+    assert title.cell_type == "markdown" and title.source.startswith(f"# {path.name[:2]} · ")
+    badge = f"https://colab.research.google.com/github/peftlab/peftlab/blob/main/notebooks/{path.name}"
+    assert badge in title.source, "the Colab badge must open this very notebook"
+    assert "What you will learn" in title.source and "| smoke |" in title.source
+    setup = next(cell for cell in notebook.cells if cell.cell_type == "code")
+    assert 'if "google.colab" in sys.modules:' in setup.source, "installs only on Colab"
+    assert "env.setup(" in setup.source
+    text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    assert "## Summary" in text and "Exercises" in text
+
+
+def test_readme_indexes_every_notebook():
+    readme = (REPO / "README.md").read_text()
+    for path in NOTEBOOKS:
+        assert f"notebooks/{path.name}" in readme, f"{path.name} is missing from the README's index"

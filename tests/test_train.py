@@ -1,0 +1,131 @@
+import math
+
+import pytest
+import torch
+
+from peftlab import data, models, train
+from peftlab.methods import selective
+
+
+def token_batches(model, n=4, length=12, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (n, length), generator=generator)
+    return [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}]
+
+
+def test_loss_falls_when_memorising_a_batch():
+    model = models.tiny_model("llama")
+    config = train.TrainConfig(max_steps=40, learning_rate=1e-2, schedule="constant")
+    history = train.train(model, token_batches(model), config, progress=False)
+    assert history.losses[-1] < 0.1 * history.losses[0]
+    assert history.steps == list(range(1, 41)) and len(history.step_seconds) == 40
+    assert history.seconds_per_step > 0 and history.total_seconds >= sum(history.step_seconds[1:])
+    assert history.peak_memory_bytes is None and history.device == "cpu"
+
+
+def test_gradient_accumulation_equals_one_large_batch():
+    """Two micro-batches of 2 with accumulation give the SGD update of one batch of 4 (equal lengths, so the mean
+    of the two means is the mean over the batch)."""
+    reference = models.tiny_model("gpt2", seed=3)
+    accumulated = models.tiny_model("gpt2", seed=3)
+    (big,) = token_batches(reference, n=4)
+    halves = [{k: v[:2] for k, v in big.items()}, {k: v[2:] for k, v in big.items()}]
+    config = train.TrainConfig(max_steps=1, learning_rate=1e-2, max_grad_norm=None, schedule="constant")
+    train.train(reference, [big], config, optimizer=torch.optim.SGD(reference.parameters(), lr=0.1), progress=False)
+    train.train(accumulated, halves, train.TrainConfig(**{**config.__dict__, "grad_accum_steps": 2}),
+                optimizer=torch.optim.SGD(accumulated.parameters(), lr=0.1), progress=False)  # fmt: skip
+    for a, b in zip(reference.parameters(), accumulated.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_frozen_parameters_do_not_move_and_trained_ones_do():
+    model = models.tiny_model("bert", task="classification")
+    selective.apply(model, selective.FreezeConfig(trainable_layers=1))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"input_ids": torch.randint(3, 128, (4, 10)), "attention_mask": torch.ones(4, 10, dtype=torch.long),
+             "labels": torch.tensor([0, 1, 2, 0])}  # fmt: skip
+    train.train(model, [batch], train.TrainConfig(max_steps=3, learning_rate=1e-2, weight_decay=0.1), progress=False)
+    for name, param in model.named_parameters():
+        moved = not torch.equal(param, before[name])
+        assert moved == param.requires_grad, name
+
+
+@pytest.mark.parametrize(
+    ("schedule", "expected"),
+    [("constant", [0.5, 1.0, 1.0, 1.0, 1.0]), ("linear", [0.5, 1.0, 0.75, 0.5, 0.25]),
+     ("cosine", [0.5, 1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(3 * math.pi / 4))])],
+)  # fmt: skip
+def test_schedules_warm_up_then_decay(schedule, expected):
+    config = train.TrainConfig(max_steps=5, warmup_steps=1, schedule=schedule)
+    assert [train.learning_rate_factor(step, config) for step in range(5)] == pytest.approx(expected)
+
+
+def test_evaluation_runs_every_n_steps_and_at_the_end():
+    model = models.tiny_model("llama")
+    calls = []
+
+    def evaluate(m):
+        assert not m.training and not torch.is_grad_enabled()
+        calls.append(1)
+        return {"n": len(calls)}
+
+    history = train.train(model, token_batches(model), train.TrainConfig(max_steps=7, eval_every=3),
+                          evaluate=evaluate, progress=False)  # fmt: skip
+    assert [e["step"] for e in history.evaluations] == [3, 6, 7]
+    assert history.final == {"step": 7, "n": 3}
+    assert model.training is False
+
+
+def test_a_custom_optimizer_keeps_its_groups_rates_under_the_schedule():
+    model = models.tiny_model("llama")
+    groups = [{"params": [model.model.norm.weight], "lr": 1e-3}, {"params": [model.lm_head.weight], "lr": 4e-3}]
+    optimizer = torch.optim.SGD(groups)
+    train.train(model, token_batches(model), train.TrainConfig(max_steps=4, warmup_steps=0, schedule="linear"),
+                optimizer=optimizer, progress=False)  # fmt: skip
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3 * 0.25, 4e-3 * 0.25])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"max_steps": 0}, "max_steps must be at least 1"), ({"max_steps": 5, "schedule": "step"}, "Unknown schedule"),
+     ({"max_steps": 5, "learning_rate": 0}, "learning_rate must be positive"),
+     ({"max_steps": 5, "warmup_steps": 5}, "warmup_steps must be in"),
+     ({"max_steps": 5, "grad_accum_steps": 0}, "grad_accum_steps"),
+     ({"max_steps": 5, "mixed_precision": "fp8"}, "Unknown mixed_precision")],
+)  # fmt: skip
+def test_bad_config_is_refused_with_a_reason(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        train.TrainConfig(**kwargs)
+
+
+def test_nothing_to_train_is_an_error():
+    model = models.tiny_model("llama").requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.train(model, token_batches(model), train.TrainConfig(max_steps=1), progress=False)
+
+
+def test_mixed_precision_only_on_cuda():
+    assert train.autocast_dtype(train.TrainConfig(max_steps=1), torch.device("cpu")) is None
+
+
+def test_classification_metrics_on_known_predictions(monkeypatch):
+    predicted, expected = torch.tensor([0, 0, 1, 2, 2, 2]), torch.tensor([0, 1, 1, 2, 2, 0])
+    monkeypatch.setattr(train, "predict_classes", lambda model, loader: (predicted, expected))
+    metrics = train.classification_metrics(None, None)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    f1 = [2 * 0.5 * 0.5 / 1.0, 2 * 1 * 0.5 / 1.5, 2 * (2 / 3) * 1 / (5 / 3)]  # per class: P, R from the table
+    assert metrics["macro_f1"] == pytest.approx(sum(f1) / 3)
+
+
+def test_classification_training_beats_chance_on_a_separable_task():
+    model = models.tiny_model("bert", task="classification", num_labels=2)
+    features = [{"input_ids": [5 + label] * 6, "attention_mask": [1] * 6, "labels": label} for label in (0, 1)] * 8
+
+    class Pad:
+        pad_token_id = 0
+
+    loader = data.make_loader(features, Pad, batch_size=4, shuffle=True)
+    history = train.train(model, loader, train.TrainConfig(max_steps=30, learning_rate=3e-3),
+                          evaluate=lambda m: train.classification_metrics(m, loader), progress=False)  # fmt: skip
+    assert history.final["accuracy"] == 1.0
+    assert train.mean_loss(model, loader) < history.losses[0]
