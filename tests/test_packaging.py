@@ -4,6 +4,7 @@ import re
 import tomllib
 from pathlib import Path
 
+import yaml
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 
@@ -19,10 +20,12 @@ def pyproject_requirements() -> dict[str, str]:
 
 
 def environment_requirements() -> dict[str, str]:
-    entries = re.findall(r"^\s*-\s+(\S.*?)\s*$", (REPO / "environment.yml").read_text(), flags=re.MULTILINE)
+    dependencies = yaml.safe_load((REPO / "environment.yml").read_text())["dependencies"]
+    conda = [entry for entry in dependencies if isinstance(entry, str)]
+    pip = [entry for section in dependencies if isinstance(section, dict) for entry in section["pip"]]
     found = {}
-    for entry in entries:
-        if entry in NOT_PACKAGES or entry.startswith("pip:") or entry.startswith("python"):
+    for entry in conda + pip:
+        if entry in NOT_PACKAGES or entry.startswith("python"):
             continue
         requirement = Requirement(entry.replace(" ", ""))
         found[CONDA_NAMES.get(requirement.name.lower(), requirement.name.lower())] = str(requirement.specifier)

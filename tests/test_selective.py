@@ -52,5 +52,26 @@ def test_too_many_layers_says_how_many_there_are():
 def test_negative_layers_and_wrong_config_are_refused():
     with pytest.raises(ValueError, match="0 or more"):
         selective.FreezeConfig(trainable_layers=-1)
-    with pytest.raises(TypeError, match="FullConfig or FreezeConfig"):
+    with pytest.raises(TypeError, match="FullConfig, FreezeConfig or BitFitConfig"):
         selective.apply(models.tiny_model("gpt2"), object())
+
+
+def test_bitfit_trains_biases_and_head_exactly():
+    model = models.meta_model("bert-base")
+    selective.apply(model, selective.BitFitConfig())
+    d, f, layers = 768, 3072, 12
+    embedding_norm_beta = d  # the embedding LayerNorm's beta is a bias (its gamma is a weight)
+    per_block = 4 * d + d + f + 2 * d  # q, k, v, o; FFN down (d) and up (f); two LayerNorm betas
+    pooler = d * d + d  # the head trains whole
+    assert count_parameters(model).trainable == embedding_norm_beta + layers * per_block + pooler
+
+
+def test_bitfit_on_minilm_counts_the_published_26112_biases():
+    model = models.meta_model("minilm-l6")
+    selective.apply(model, selective.BitFitConfig(train_head=False))
+    assert count_parameters(model).trainable == 26_112
+
+
+def test_bitfit_refuses_a_model_without_biases():
+    with pytest.raises(ValueError, match="no bias parameters, so BitFit has nothing to train"):
+        selective.apply(models.meta_model("smollm2-135m"), selective.BitFitConfig())

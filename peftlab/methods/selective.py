@@ -8,6 +8,9 @@ Fine-tuning learns an update ΔW for the pretrained weights W, W' = W + ΔW. The
   train. The lower blocks, which hold the most general features, stay as pretrained (Yosinski et al., 2014, "How
   transferable are features in deep neural networks?"). ``k = 0`` trains the head alone: a linear probe of the
   frozen model, the baseline every method should beat.
+* **BitFit** (Ben Zaken et al., 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
+  Language-models"): only the bias terms b of y = Wx + b train (and the task head). In BERT-base that is about
+  0.1 % of the parameters. Models without biases (Llama, SmolLM2, Qwen's FFN) leave BitFit nothing to train.
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ class FreezeConfig:
             raise ValueError(f"trainable_layers must be 0 or more, got {self.trainable_layers}.")
 
 
+@dataclass(frozen=True)
+class BitFitConfig:
+    """Train every bias vector (and the task head when ``train_head``)."""
+
+    train_head: bool = True
+
+
 def num_blocks(model: nn.Module) -> int:
     """Number of transformer blocks, read from the layer indices of the parameter names."""
     layers = parameter_table(model)["layer"].dropna()
@@ -44,13 +54,26 @@ def num_blocks(model: nn.Module) -> int:
     return int(layers.max()) + 1
 
 
-def apply(model: nn.Module, config: FullConfig | FreezeConfig) -> nn.Module:
+def _is_head(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool:
+    return kind_of(name, modules.get(name.rsplit(".", 1)[0], model)) == "head"
+
+
+def apply(model: nn.Module, config: FullConfig | FreezeConfig | BitFitConfig) -> nn.Module:
     """Set ``requires_grad`` on the parameters the method trains, and clear it on all the others."""
     if isinstance(config, FullConfig):
         model.requires_grad_(True)
         return model
+    modules = dict(model.named_modules())
+    if isinstance(config, BitFitConfig):
+        if not any(name.endswith("bias") for name, _ in model.named_parameters()):
+            raise ValueError(f"{type(model).__name__} has no bias parameters, so BitFit has nothing to train.")
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith("bias") or (config.train_head and _is_head(name, modules, model)))
+        return model
     if not isinstance(config, FreezeConfig):
-        raise TypeError(f"selective.apply takes FullConfig or FreezeConfig, got {type(config).__name__}.")
+        raise TypeError(
+            f"selective.apply takes FullConfig, FreezeConfig or BitFitConfig, got {type(config).__name__}."
+        )
     blocks = num_blocks(model)
     if config.trainable_layers > blocks:
         raise ValueError(
@@ -58,11 +81,8 @@ def apply(model: nn.Module, config: FullConfig | FreezeConfig) -> nn.Module:
             f"choose 0..{blocks}."
         )
     first_trained = blocks - config.trainable_layers
-    modules = dict(model.named_modules())
     for name, param in model.named_parameters():
         layer = layer_of(name)
         in_top_blocks = layer is not None and layer >= first_trained
-        module = modules.get(name.rsplit(".", 1)[0], model)
-        is_head = config.train_head and kind_of(name, module) == "head"
-        param.requires_grad_(in_top_blocks or is_head)
+        param.requires_grad_(in_top_blocks or (config.train_head and _is_head(name, modules, model)))
     return model
