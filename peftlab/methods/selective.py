@@ -71,9 +71,7 @@ def apply(model: nn.Module, config: FullConfig | FreezeConfig | BitFitConfig) ->
             param.requires_grad_(name.endswith("bias") or (config.train_head and _is_head(name, modules, model)))
         return model
     if not isinstance(config, FreezeConfig):
-        raise TypeError(
-            f"selective.apply takes FullConfig, FreezeConfig or BitFitConfig, got {type(config).__name__}."
-        )
+        raise TypeError(f"selective.apply takes FullConfig, FreezeConfig or BitFitConfig, got {type(config).__name__}.")
     blocks = num_blocks(model)
     if config.trainable_layers > blocks:
         raise ValueError(

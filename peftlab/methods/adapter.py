@@ -1,0 +1,205 @@
+"""Bottleneck adapters (Adapter Tuning, 适配器微调): small trained modules inserted into a frozen transformer.
+
+Houlsby et al., 2019, "Parameter-Efficient Transfer Learning for NLP" (arXiv:1902.00751). An adapter is a
+bottleneck with a skip connection: it projects the hidden state h ∈ R^d down to m ≪ d dimensions, applies a
+non-linearity f, projects back up, and adds the result to its input:
+
+    adapter(h) = h + W_up f(W_down h + b_down) + b_up,      W_down ∈ R^{m×d}, W_up ∈ R^{d×m}
+
+so one adapter has 2dm + d + m parameters (:func:`adapter_parameter_count`). Houlsby places two adapters in every
+block, *sequentially*: one after the attention output projection and one after the feed-forward output
+projection, each before the residual add (and before BERT's LayerNorm). Here each is inserted by wrapping that
+projection: ``AdapterWrapped(base, adapter)(x) = adapter(base(x))``.
+
+=========  ===========================  ============================
+family     ``"attention"`` wraps        ``"ffn"`` wraps
+=========  ===========================  ============================
+Llama      ``self_attn.o_proj``         ``mlp.down_proj``
+GPT-2      ``attn.c_proj``              ``mlp.c_proj``
+BERT       ``attention.output.dense``   ``output.dense`` (the FFN's)
+=========  ===========================  ============================
+
+BERT adds dropout, the residual and LayerNorm *after* its dense projection, and Llama and GPT-2 add the residual
+after ``o_proj``/``down_proj``/``c_proj``: in all three, the output of the projection is exactly "before the
+residual add".
+
+Initialisation: W_down ~ N(0, init_scale²) and W_up = 0, biases 0, so every adapter starts as the identity and the
+adapted model computes exactly what the base model computes (Houlsby initialise near the identity for the same
+reason). W_up = 0 still trains: its gradient f(W_down h) is not zero, and W_down's follows after the first step.
+
+Houlsby also train the LayerNorms of each block (``train_norms``). AdapterDrop (Rücklé et al., 2021, "AdapterDrop:
+On the Efficiency of Adapters in Transformers", arXiv:2010.11918) drops the adapters of the lower blocks, which
+makes training and inference faster: ``layers`` lists the blocks that get adapters (and, with ``train_norms``, the
+only blocks whose norms train, so nothing below the lowest adapted block needs a backward pass).
+
+peft has no Houlsby adapter, so the parameter counts are checked against the closed form only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.params import kind_of, layer_of
+
+PLACEMENTS = ("attention", "ffn")
+NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU}
+
+#: model_type → family; Qwen2 and Mistral name their modules as Llama does.
+FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert"}
+#: The list of transformer blocks, per family (``model.layers``, ``transformer.h``, ``encoder.layer``).
+BLOCKS = {"llama": "layers", "gpt2": "h", "bert": "encoder.layer"}
+#: The output projection each placement wraps, relative to its block.
+WRAPPED = {
+    "llama": {"attention": "self_attn.o_proj", "ffn": "mlp.down_proj"},
+    "gpt2": {"attention": "attn.c_proj", "ffn": "mlp.c_proj"},
+    "bert": {"attention": "attention.output.dense", "ffn": "output.dense"},
+}
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Houlsby adapters of ``bottleneck`` dimensions after the projections named in ``placement``.
+
+    ``placement``: ``"attention"``, ``"ffn"`` or both. ``layers``: the block indices that get adapters (``None``:
+    every block). ``init_scale``: standard deviation of W_down (W_up starts at zero). ``train_norms``: also train
+    the normalisation layers of the adapted blocks.
+    """
+
+    bottleneck: int = 64
+    placement: tuple[str, ...] = PLACEMENTS
+    non_linearity: str = "relu"
+    init_scale: float = 1e-3
+    train_norms: bool = True
+    layers: tuple[int, ...] | None = None
+
+    def __post_init__(self):
+        placement = (self.placement,) if isinstance(self.placement, str) else tuple(self.placement)
+        object.__setattr__(self, "placement", placement)
+        if self.layers is not None:
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be at least 1, got {self.bottleneck}.")
+        unknown = [p for p in self.placement if p not in PLACEMENTS]
+        if unknown or not self.placement or len(set(self.placement)) != len(self.placement):
+            raise ValueError(f"placement must be one or both of {PLACEMENTS}, each once; got {self.placement}.")
+        if self.non_linearity not in NON_LINEARITIES:
+            raise ValueError(f"Unknown non_linearity {self.non_linearity!r}; use one of {', '.join(NON_LINEARITIES)}.")
+        if self.init_scale <= 0:
+            raise ValueError(
+                f"init_scale must be positive, got {self.init_scale}: with W_down = 0 and W_up = 0 neither would "
+                "ever get a gradient."
+            )
+        layers = self.layers
+        if layers is not None and (not layers or len(set(layers)) != len(layers) or min(layers) < 0):
+            raise ValueError(f"layers must be None or distinct block indices (0 or more), got {layers}.")
+
+
+def adapter_parameter_count(d: int, m: int) -> int:
+    """Parameters of one adapter of width ``d`` and bottleneck ``m``: W_down (m·d), b_down (m), W_up (d·m), b_up (d)."""
+    return 2 * d * m + d + m
+
+
+class BottleneckAdapter(nn.Module):
+    """h + W_up f(W_down h + b_down) + b_up, starting as the identity (W_up = 0); see the module docstring."""
+
+    def __init__(self, d: int, m: int, non_linearity: str = "relu", init_scale: float = 1e-3, device=None, dtype=None):
+        super().__init__()
+        self.down = nn.Linear(d, m, device=device, dtype=dtype)
+        self.act = NON_LINEARITIES[non_linearity]()
+        self.up = nn.Linear(m, d, device=device, dtype=dtype)
+        nn.init.normal_(self.down.weight, std=init_scale)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.up(self.act(self.down(h)))
+
+
+class AdapterWrapped(nn.Module):
+    """A frozen projection followed by its adapter: ``adapter(base(x))``."""
+
+    def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
+        super().__init__()
+        self.base = base
+        self.adapter = adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.adapter(self.base(x))
+
+
+def model_family(model: nn.Module) -> str:
+    """``"llama"``, ``"gpt2"`` or ``"bert"``: the module layout of a transformers model, from its ``model_type``."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"Adapters know the module layout of {', '.join(sorted(FAMILIES))} models, not of "
+            f"{type(model).__name__} (model_type {model_type!r})."
+        )
+    return FAMILIES[model_type]
+
+
+def _blocks(model: nn.Module, family: str) -> tuple[str, nn.ModuleList]:
+    """The name and the ``ModuleList`` of the transformer blocks."""
+    suffix = BLOCKS[family]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith(f".{suffix}")):
+            return name, module
+    raise ValueError(f"No list of transformer blocks '...{suffix}' in {type(model).__name__}.")
+
+
+def _out_features(module: nn.Module) -> int:
+    if isinstance(module, nn.Linear):
+        return module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[1]  # Conv1D stores its weight as [in, out]
+    raise TypeError(f"Adapters wrap nn.Linear or Conv1D projections, not {type(module).__name__}.")
+
+
+def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
+    """Freeze the model, wrap the chosen output projections with adapters, and train the adapters (and norms).
+
+    Works on the meta device (``peftlab.models.meta_model``): the adapters are created where the weights are.
+    """
+    if not isinstance(config, AdapterConfig):
+        raise TypeError(f"adapter.apply takes an AdapterConfig, got {type(config).__name__}.")
+    if any(isinstance(module, AdapterWrapped) for module in model.modules()):
+        raise ValueError(f"{type(model).__name__} already has adapters: apply adapters to a fresh base model.")
+    family = model_family(model)
+    blocks_name, blocks = _blocks(model, family)
+    layers = range(len(blocks)) if config.layers is None else config.layers
+    out_of_range = [i for i in layers if i >= len(blocks)]
+    if out_of_range:
+        raise ValueError(
+            f"layers {out_of_range} out of range: {type(model).__name__} has {len(blocks)} blocks, "
+            f"choose from 0..{len(blocks) - 1}."
+        )
+    targets = [(blocks[i], WRAPPED[family][placement]) for i in layers for placement in config.placement]
+    for block, path in targets:
+        d = _out_features(block.get_submodule(path))
+        if config.bottleneck > d:
+            raise ValueError(
+                f"bottleneck={config.bottleneck} is wider than the hidden size d={d}: an adapter must be a "
+                f"bottleneck, choose 1..{d}."
+            )
+
+    model.requires_grad_(False)
+    if config.train_norms:
+        modules = dict(model.named_modules())
+        for name, param in model.named_parameters():
+            in_adapted_block = name.startswith(f"{blocks_name}.") and layer_of(name) in layers
+            if in_adapted_block and kind_of(name, modules[name.rsplit(".", 1)[0]]) == "norm":
+                param.requires_grad_(True)
+    for block, path in targets:
+        parent_path, _, attribute = path.rpartition(".")
+        parent = block.get_submodule(parent_path)
+        base = getattr(parent, attribute)
+        weight = base.weight
+        adapter = BottleneckAdapter(_out_features(base), config.bottleneck, config.non_linearity, config.init_scale,
+                                    device=weight.device, dtype=weight.dtype)  # fmt: skip
+        setattr(parent, attribute, AdapterWrapped(base, adapter))
+    return model

@@ -1,0 +1,244 @@
+"""Prefixes: learned keys and values in front of every attention layer's own, the model itself frozen.
+
+Attention in layer ``ℓ`` reads keys ``K`` and values ``V`` of the ``T`` tokens; a prefix of ``n`` virtual tokens adds
+learned ``P_k^ℓ, P_v^ℓ ∈ R^{n × d_kv}`` (``d_kv = n_kv_heads · head_dim``) in front of them, per head ``i``:
+
+    head_i = softmax(Q_i [P_k,i^ℓ; K_i]ᵀ / √head_dim) [P_v,i^ℓ; V_i]
+
+so every token can attend to ``n`` learned slots in every layer (prompt tuning only touches the input).
+Trainable: ``L·2·n·d_kv`` for ``L`` layers.
+
+* **Prefix tuning** (Li & Liang, 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation",
+  arXiv:2101.00190). Training the prefix directly is unstable, so it is *reparametrised*: the ``n`` rows of
+  ``[P_k^1, P_v^1, …, P_k^L, P_v^L] = W_2 tanh(W_1 E + b_1) + b_2`` come from free embeddings ``E ∈ R^{n×e}``
+  through an MLP of width ``h``; trainable ``n·e + e·h + h + h·2L·d_kv + 2L·d_kv`` (``e = d`` by default). After
+  training the MLP is computed once and dropped (:func:`fold`): inference keeps ``L·2·n·d_kv``.
+* **P-tuning v2** (Liu et al., 2022, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning Universally
+  Across Scales and Tasks", arXiv:2110.07602): the same *deep prompts* without reparametrisation, with a trainable
+  linear classification head on the encoder (no verbalizer).
+
+How the prefix gets in (transformers 5, as peft 0.21 does): it is the model's KV cache. ``past_key_values`` is a
+``transformers.DynamicCache`` holding per layer a key and a value of shape ``(batch, n_kv_heads, n, head_dim)``
+(grouped-query attention stores ``n_kv_heads < n_heads`` heads); every forward gets a fresh cache, since the model
+appends the real keys to it. The attention mask gets ``n`` ones in front; the labels stay as they are (the virtual
+tokens are not in the sequence, the logits have ``T`` positions). The model numbers the real tokens from ``n`` (it
+reads the cache length): Llama's rotary positions start at ``n`` (the prefix keys themselves are not rotated),
+BERT's and GPT-2's learned positions start at ``n`` too, which leaves ``n`` fewer of them for the text.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import DynamicCache, PreTrainedModel
+
+from peftlab.methods.prompt import check_base, check_positions, freeze
+
+#: ``model_type`` of the families whose attention reads a prefix from a DynamicCache (tested against peft 0.21).
+SUPPORTED_FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Configs
+# ----------------------------------------------------------------------------------------------------------------
+def _check_virtual_tokens(n: int) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_virtual_tokens must be an integer of at least 1, got {n!r}.")
+
+
+@dataclass(frozen=True)
+class PrefixTuningConfig:
+    """Prefix tuning: ``num_virtual_tokens`` keys and values per layer, through an MLP when ``reparametrize``.
+
+    ``hidden_size`` is the MLP's width ``h`` (Li & Liang: 512); ``embedding_dim`` the width ``e`` of its input rows
+    (``None``: the model's hidden size ``d``, as Li & Liang; peft 0.21 uses ``d_kv``, which differs under grouped-query
+    attention). Both are ignored without ``reparametrize``. ``train_head`` also trains a classifier's head.
+    """
+
+    num_virtual_tokens: int = 20
+    reparametrize: bool = True
+    hidden_size: int = 512
+    embedding_dim: int | None = None
+    train_head: bool = False
+
+    def __post_init__(self):
+        _check_virtual_tokens(self.num_virtual_tokens)
+        if self.hidden_size < 1:
+            raise ValueError(
+                f"hidden_size (the reparametrisation MLP's width) must be at least 1, got {self.hidden_size}."
+            )
+        if self.embedding_dim is not None and self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be at least 1 (or None for d), got {self.embedding_dim}.")
+
+
+@dataclass(frozen=True)
+class PTuningV2Config:
+    """P-tuning v2: deep prompts (a prefix in every layer, no MLP) and the classification head trains too."""
+
+    num_virtual_tokens: int = 20
+    train_head: bool = True
+
+    def __post_init__(self):
+        _check_virtual_tokens(self.num_virtual_tokens)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Shapes
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class KVShape:
+    """What a prefix must look like for a model: per layer a key and a value of ``n_kv_heads × head_dim``."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+
+    @property
+    def kv_dim(self) -> int:
+        """``d_kv = n_kv_heads · head_dim`` (``= d`` without grouped-query attention)."""
+        return self.num_kv_heads * self.head_dim
+
+
+def kv_shape(model_config) -> KVShape:
+    """The prefix shape of a model, from its config; a clear error for a family this module does not support."""
+    if model_config.model_type not in SUPPORTED_FAMILIES:
+        raise ValueError(
+            f"Prefix tuning here supports {', '.join(SUPPORTED_FAMILIES)}; got model_type "
+            f"{model_config.model_type!r}. Use a supported family, or a method that does not touch the attention "
+            "(e.g. peftlab.methods.prompt)."
+        )
+    heads = model_config.num_attention_heads
+    return KVShape(
+        num_layers=model_config.num_hidden_layers,
+        num_kv_heads=getattr(model_config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(model_config, "head_dim", None) or model_config.hidden_size // heads,
+        hidden_size=model_config.hidden_size,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The prefix encoder and the wrapper
+# ----------------------------------------------------------------------------------------------------------------
+class PrefixEncoder(nn.Module):
+    """The prefix as an ``(n, 2·L·d_kv)`` matrix: stored (``transform`` is ``None``) or ``transform(embedding)``.
+
+    Row ``j`` holds virtual token ``j``'s key and value for every layer, laid out ``[layer][key, value][head][dim]``.
+    Same names, shapes and layout as peft's PrefixEncoder, so state dicts load across.
+    """
+
+    def __init__(self, num_virtual_tokens: int, prefix_dim: int, embedding_dim: int | None, hidden_size: int | None):
+        super().__init__()
+        if hidden_size is None:
+            self.embedding = nn.Embedding(num_virtual_tokens, prefix_dim)
+            self.transform = None
+        else:
+            self.embedding = nn.Embedding(num_virtual_tokens, embedding_dim)
+            self.transform = nn.Sequential(
+                nn.Linear(embedding_dim, hidden_size), nn.Tanh(), nn.Linear(hidden_size, prefix_dim)
+            )
+
+    def forward(self) -> torch.Tensor:
+        if self.transform is None:
+            return self.embedding.weight
+        return self.transform(self.embedding.weight)
+
+
+class PrefixTunedModel(nn.Module):
+    """A frozen model whose every attention layer also reads the prefix (fed as ``past_key_values``)."""
+
+    def __init__(self, base_model: PreTrainedModel, prefix_encoder: PrefixEncoder, shape: KVShape):
+        super().__init__()
+        self.base_model = base_model
+        self.config = base_model.config
+        self.prefix_encoder = prefix_encoder
+        self.shape = shape
+        self.num_virtual_tokens = prefix_encoder.embedding.num_embeddings
+
+    def past_key_values(self, batch_size: int) -> DynamicCache:
+        """A fresh cache holding the prefix: per layer key and value ``(batch, n_kv_heads, n, head_dim)``."""
+        s, n = self.shape, self.num_virtual_tokens
+        dtype = self.base_model.get_input_embeddings().weight.dtype
+        prefix = self.prefix_encoder().to(dtype).view(n, s.num_layers, 2, s.num_kv_heads, s.head_dim)
+        per_layer = prefix.permute(1, 2, 3, 0, 4)  # (L, key/value, n_kv_heads, n, head_dim)
+        return DynamicCache(
+            [(key.expand(batch_size, -1, -1, -1), value.expand(batch_size, -1, -1, -1)) for key, value in per_layer]
+        )
+
+    def forward(
+        self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, position_ids=None, **kwargs
+    ):
+        """The base model with the prefix in every layer; the same arguments and output as the base."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
+        batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        n = self.num_virtual_tokens
+        check_positions(self.config, n, length)
+        device = (input_ids if input_ids is not None else inputs_embeds).device
+        if attention_mask is None:  # BERT sizes its mask from this one: it must cover the prefix too
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
+        attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        if position_ids is not None:  # the real tokens come after the prefix
+            kwargs["position_ids"] = position_ids + n
+        return self.base_model(
+            input_ids=input_ids,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            labels=labels,
+            past_key_values=self.past_key_values(batch),
+            **kwargs,
+        )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# apply, fold and the closed-form counts
+# ----------------------------------------------------------------------------------------------------------------
+def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config) -> PrefixTunedModel:
+    """Freeze ``model`` and return it wrapped with a trainable prefix in every layer. Works on the meta device."""
+    if not isinstance(config, PrefixTuningConfig | PTuningV2Config):
+        raise TypeError(f"prefix.apply takes PrefixTuningConfig or PTuningV2Config, got {type(config).__name__}.")
+    check_base(model, "prefix.apply")
+    shape = kv_shape(model.config)
+    if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+        raise ValueError("The prefix travels in the KV cache, which gradient checkpointing drops: turn it off first.")
+    reparametrize = isinstance(config, PrefixTuningConfig) and config.reparametrize
+    with torch.device(model.get_input_embeddings().weight.device):
+        encoder = PrefixEncoder(
+            config.num_virtual_tokens,
+            prefix_dim=2 * shape.num_layers * shape.kv_dim,
+            embedding_dim=(config.embedding_dim or shape.hidden_size) if reparametrize else None,
+            hidden_size=config.hidden_size if reparametrize else None,
+        )
+    freeze(model, config.train_head)
+    return PrefixTunedModel(model, encoder, shape)
+
+
+def fold(model: PrefixTunedModel) -> PrefixTunedModel:
+    """Replace the reparametrisation MLP by the prefix it computes, ``P = MLP(E)``: same outputs, fewer parameters.
+
+    In place, and returns ``model``; a model without MLP is returned as it is. The folded prefix keeps training
+    when the embedding did (it is then P-tuning v2 / prefix tuning without reparametrisation).
+    """
+    if not isinstance(model, PrefixTunedModel):
+        raise TypeError(f"fold takes the PrefixTunedModel that prefix.apply returned, got {type(model).__name__}.")
+    encoder = model.prefix_encoder
+    if encoder.transform is None:
+        return model
+    trains = encoder.embedding.weight.requires_grad
+    with torch.no_grad():
+        prefix = encoder().detach().clone()
+    encoder.embedding = nn.Embedding.from_pretrained(prefix, freeze=not trains)
+    encoder.transform = None
+    return model
+
+
+def closed_form_count(model: nn.Module, config: PrefixTuningConfig | PTuningV2Config) -> int:
+    """Parameters the method adds (see the module docstring), head not included; shapes from ``model.config``."""
+    shape = kv_shape(model.config)
+    n, prefix_dim = config.num_virtual_tokens, 2 * shape.num_layers * shape.kv_dim
+    if isinstance(config, PTuningV2Config) or not config.reparametrize:
+        return n * prefix_dim
+    e, h = config.embedding_dim or shape.hidden_size, config.hidden_size
+    return n * e + e * h + h + h * prefix_dim + prefix_dim

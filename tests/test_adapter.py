@@ -1,0 +1,148 @@
+"""Houlsby adapters. peft has no Houlsby adapter, so counts are checked against the closed form 2dm + d + m."""
+
+import pytest
+import torch
+
+from peftlab import models, train
+from peftlab.methods import adapter
+from peftlab.params import count_parameters, summary_by_kind
+
+ARCHS = ("llama", "gpt2", "bert")
+#: Parameters of the normalisation layers inside one block, per family, for hidden size d.
+NORMS_PER_BLOCK = {"llama": lambda d: 2 * d, "gpt2": lambda d: 4 * d, "bert": lambda d: 4 * d}  # RMSNorm: no bias
+
+
+def batch_for(model, n=4, length=10, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, model.config.vocab_size, (n, length), generator=generator)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if model.config.model_type == "bert":
+        return {**batch, "labels": torch.tensor([0, 1, 2, 0])}
+    return {**batch, "labels": ids.clone()}
+
+
+def tiny(arch, seed=0):
+    return models.tiny_model(arch, task="classification" if arch == "bert" else None, seed=seed)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+
+
+def test_adapter_computes_its_formula():
+    torch.manual_seed(0)
+    module = adapter.BottleneckAdapter(16, 4, non_linearity="gelu", init_scale=0.1)
+    torch.nn.init.normal_(module.up.weight)
+    torch.nn.init.normal_(module.up.bias)
+    torch.nn.init.normal_(module.down.bias)
+    h = torch.randn(3, 16)
+    expected = h + torch.nn.functional.gelu(h @ module.down.weight.T + module.down.bias) @ module.up.weight.T
+    torch.testing.assert_close(module(h), expected + module.up.bias)
+    assert sum(p.numel() for p in module.parameters()) == adapter.adapter_parameter_count(16, 4) == 2 * 16 * 4 + 20
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_adapted_model_starts_as_the_base_model(arch):
+    """W_up = 0 at init (our choice; W_down ~ N(0, init_scale²)): each adapter is exactly the identity."""
+    base, adapted = tiny(arch), tiny(arch)
+    adapter.apply(adapted, adapter.AdapterConfig(bottleneck=8))
+    batch = batch_for(base)
+    torch.testing.assert_close(logits(adapted, batch), logits(base, batch), atol=1e-6, rtol=0)
+    wrapped = [m for m in adapted.modules() if isinstance(m, adapter.AdapterWrapped)]
+    assert len(wrapped) == 2 * adapted.config.num_hidden_layers
+    assert all(w.adapter.down.weight.abs().max() > 0 and not w.adapter.up.weight.any() for w in wrapped)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("placement", [("attention",), ("ffn",), ("attention", "ffn")])
+@pytest.mark.parametrize("train_norms", [False, True])
+def test_trainable_count_is_the_closed_form(arch, placement, train_norms):
+    model = tiny(arch)
+    total_before = count_parameters(model).total
+    config = adapter.AdapterConfig(bottleneck=8, placement=placement, train_norms=train_norms)
+    adapter.apply(model, config)
+    d, blocks = model.config.hidden_size, model.config.num_hidden_layers
+    adapters = blocks * len(placement) * adapter.adapter_parameter_count(d, 8)
+    norms = blocks * NORMS_PER_BLOCK[arch](d) if train_norms else 0
+    assert count_parameters(model).trainable == adapters + norms
+    assert count_parameters(model).total == total_before + adapters
+    assert summary_by_kind(model).loc["adapter", "trainable"] == adapters  # the names contain "adapter"
+    assert all("adapter" in n or ("norm" in n.lower() or ".ln_" in n) for n, p in model.named_parameters()
+               if p.requires_grad)  # fmt: skip
+
+
+def test_a_subset_of_layers_gets_adapters_and_trains_only_its_norms():
+    """AdapterDrop: no adapters in the lower blocks; nothing below the adapted blocks trains."""
+    model = models.tiny_model("llama", seed=1)  # 2 blocks
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=4, layers=[1]))
+    d = model.config.hidden_size
+    assert count_parameters(model).trainable == 2 * adapter.adapter_parameter_count(d, 4) + 2 * d
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trained and all(n.startswith("model.layers.1.") for n in trained)
+    assert "model.layers.1.self_attn.o_proj.adapter.down.weight" in trained
+    assert "model.layers.1.mlp.down_proj.adapter.up.bias" in trained
+    assert not isinstance(model.model.layers[0].self_attn.o_proj, adapter.AdapterWrapped)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_falls_and_the_frozen_base_stays_bit_identical(arch):
+    torch.manual_seed(0)
+    model = tiny(arch)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=8))
+    norms = {n.replace(".base.", ".") for n, p in model.named_parameters() if p.requires_grad and "adapter" not in n}
+    config = train.TrainConfig(max_steps=20, learning_rate=1e-1, schedule="constant")
+    history = train.train(model, [batch_for(model)], config, progress=False)
+    # A frozen random-init head (std 0.02) caps how far the loss of a tiny model can fall: 0.08 to 0.2 here.
+    assert history.losses[-1] < history.losses[0] - 0.05
+    after = {n.replace(".base.", "."): p for n, p in model.named_parameters() if "adapter" not in n}
+    assert after.keys() == before.keys()
+    for name, param in after.items():
+        assert torch.equal(param, before[name]) != (name in norms), name  # frozen: identical; norms: moved
+
+
+def test_bert_base_on_the_meta_device_counts_2_379_264_adapter_parameters():
+    """BERT-base, d = 768, m = 64: 12 blocks × 2 adapters × (2·768·64 + 768 + 64 = 99,136) = 2,379,264, plus 12 × 2
+    LayerNorms × 2 × 768 = 36,864 when the norms train: 2,416,128 (2.2 % of the 109.5 M base)."""
+    model = models.meta_model("bert-base")
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=64, train_norms=False))
+    assert count_parameters(model).trainable == 12 * 2 * adapter.adapter_parameter_count(768, 64) == 2_379_264
+    assert model.encoder.layer[0].output.dense.adapter.up.weight.is_meta
+    model = models.meta_model("bert-base")
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=64))
+    assert count_parameters(model).trainable == 2_379_264 + 36_864 == 2_416_128
+
+
+def test_a_single_placement_may_be_a_string():
+    assert adapter.AdapterConfig(placement="ffn").placement == ("ffn",)
+    assert adapter.AdapterConfig(layers=[3, 1]).layers == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"bottleneck": 0}, "bottleneck must be at least 1"),
+        ({"placement": ("attention", "mlp")}, r"placement must be one or both of \('attention', 'ffn'\)"),
+        ({"placement": ()}, "placement must be one or both"),
+        ({"non_linearity": "tanh"}, "Unknown non_linearity 'tanh'; use one of relu, gelu"),
+        ({"init_scale": 0.0}, "init_scale must be positive"),
+        ({"layers": [1, 1]}, "distinct block indices"),
+        ({"layers": [-1]}, "distinct block indices"),
+    ],
+)
+def test_bad_configs_say_what_to_change(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        adapter.AdapterConfig(**kwargs)
+
+
+def test_bad_applications_say_what_to_change():
+    with pytest.raises(ValueError, match=r"bottleneck=64 is wider than the hidden size d=32: .* choose 1\.\.32"):
+        adapter.apply(models.tiny_model("gpt2"), adapter.AdapterConfig(bottleneck=64))
+    with pytest.raises(ValueError, match=r"layers \[2\] out of range: .* has 2 blocks, choose from 0\.\.1"):
+        adapter.apply(models.tiny_model("bert"), adapter.AdapterConfig(bottleneck=4, layers=(0, 2)))
+    model = adapter.apply(models.tiny_model("llama"), adapter.AdapterConfig(bottleneck=4))
+    with pytest.raises(ValueError, match="already has adapters: apply adapters to a fresh base model"):
+        adapter.apply(model, adapter.AdapterConfig(bottleneck=4))
+    with pytest.raises(TypeError, match="takes an AdapterConfig"):
+        adapter.apply(models.tiny_model("llama"), object())

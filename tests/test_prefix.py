@@ -1,0 +1,205 @@
+"""Prefix tuning and P-tuning v2: equal to peft 0.21 on the same weights, counts from the formulas, the cache layout
+under grouped-query attention, fold, training moves only the prefix (and head), meta-device counting, the errors."""
+
+import peft
+import pytest
+import torch
+from torch.testing import assert_close
+from transformers import AutoModelForCausalLM, DistilBertConfig, DistilBertModel, DynamicCache, Qwen2Config
+
+from peftlab import models
+from peftlab.methods import prefix, prompt
+from peftlab.params import count_parameters, parameter_table
+from peftlab.train import TrainConfig, train
+
+# (tiny architecture, peftlab task, peft task type); llama and qwen2 use grouped-query attention (4 heads, 2 KV heads)
+CASES = [
+    ("llama", "causal_lm", "CAUSAL_LM"),
+    ("qwen2", "causal_lm", "CAUSAL_LM"),
+    ("gpt2", "causal_lm", "CAUSAL_LM"),
+    ("bert", "classification", "SEQ_CLS"),
+]
+N, H = 4, 7  # virtual tokens, width of the reparametrisation MLP
+
+
+def tiny(arch: str, task: str):
+    """peftlab's tiny models, and a Qwen2 of the same size (2 layers, d = 32, 4 heads, 2 KV heads)."""
+    if arch != "qwen2":
+        return models.tiny_model(arch, task)
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+def make_batch(task: str) -> dict:
+    """Two sequences of 6 tokens, the second right-padded after 4; token labels for LMs, classes for classifiers."""
+    input_ids = torch.randint(1, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 4:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100) if task == "causal_lm" else torch.tensor([0, 2])
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def trainable(model) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def head_size(model) -> int:
+    head = prompt.classification_head(model)
+    return sum(p.numel() for p in head.parameters()) if head is not None else 0
+
+
+def dims(model) -> tuple[int, int, int]:
+    """Layers L, hidden size d and d_kv = n_kv_heads · head_dim, read from the config by hand."""
+    c = model.config
+    heads = c.num_attention_heads
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    return c.num_hidden_layers, c.hidden_size, kv_heads * (c.hidden_size // heads)
+
+
+@pytest.mark.parametrize("reparametrize", [False, True], ids=["direct", "mlp"])
+@pytest.mark.parametrize(("arch", "task", "task_type"), CASES)
+def test_prefix_tuning_equals_peft_with_the_same_prefix(arch, task, task_type, reparametrize):
+    theirs = peft.get_peft_model(
+        tiny(arch, task),
+        peft.PrefixTuningConfig(task_type=task_type, num_virtual_tokens=N, prefix_projection=reparametrize,
+                                encoder_hidden_size=H),
+    ).eval()  # fmt: skip
+    L, _, d_kv = dims(theirs)
+    # peft's MLP input rows are d_kv wide (not d) under grouped-query attention: ask for the same width
+    config = prefix.PrefixTuningConfig(N, reparametrize=reparametrize, hidden_size=H, embedding_dim=d_kv,
+                                       train_head=task_type == "SEQ_CLS")  # fmt: skip
+    ours = prefix.apply(tiny(arch, task), config).eval()
+    ours.prefix_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())  # same names and layout
+
+    batch = make_batch(task)
+    with torch.no_grad():
+        mine, reference = ours(**batch), theirs(**batch)
+    # fp32 and the same operations; peft runs the MLP on a batch-expanded copy, which may differ in the last bit
+    assert_close(mine.logits, reference.logits, atol=1e-5, rtol=0)
+    assert_close(mine.loss, reference.loss, atol=1e-5, rtol=0)
+    if task == "causal_lm":  # the prefix is not in the sequence: logits for the T real tokens only
+        assert mine.logits.shape[:2] == batch["input_ids"].shape
+
+    direct = L * 2 * N * d_kv
+    formula = N * d_kv + d_kv * H + H + H * 2 * L * d_kv + 2 * L * d_kv if reparametrize else direct
+    assert prefix.closed_form_count(ours.base_model, config) == formula
+    assert trainable(ours) == theirs.get_nb_trainable_parameters()[0] == formula + head_size(ours.base_model)
+
+
+def test_p_tuning_v2_is_peft_prefix_tuning_without_projection_for_classification():
+    ours = prefix.apply(models.tiny_model("bert", task="classification"), prefix.PTuningV2Config(N)).eval()
+    theirs = peft.get_peft_model(
+        models.tiny_model("bert", task="classification"),
+        peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=N, prefix_projection=False),
+    ).eval()
+    ours.prefix_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())
+    batch = make_batch("classification")
+    with torch.no_grad():
+        assert_close(ours(**batch).logits, theirs(**batch).logits, atol=1e-5, rtol=0)
+    L, _, d_kv = dims(ours)
+    assert trainable(ours) == theirs.get_nb_trainable_parameters()[0] == L * 2 * N * d_kv + 32 * 3 + 3
+
+
+def test_the_prefix_is_a_dynamic_cache_with_kv_heads_under_grouped_query_attention():
+    model = prefix.apply(models.tiny_model("llama"), prefix.PrefixTuningConfig(N, reparametrize=False))
+    cache = model.past_key_values(batch_size=3)
+    assert isinstance(cache, DynamicCache) and len(cache.layers) == 2
+    assert cache.get_seq_length() == N  # so the model numbers the real tokens from N
+    flat = model.prefix_encoder.embedding.weight  # (n, 2·L·d_kv), laid out [layer][key, value][head][dim]
+    for layer_index, layer in enumerate(cache.layers):
+        assert layer.keys.shape == layer.values.shape == (3, 2, N, 8)  # 2 KV heads of 8, not 4 query heads
+        per_token = flat.view(N, 2, 2, 2, 8)[:, layer_index]  # (n, key/value, head, dim)
+        assert_close(layer.keys[1], per_token[:, 0].transpose(0, 1), atol=0, rtol=0)
+        assert_close(layer.values[2], per_token[:, 1].transpose(0, 1), atol=0, rtol=0)
+
+
+def test_the_trained_parameters_are_named_as_the_prefix_kind():
+    model = prefix.apply(models.tiny_model("bert", task="classification"), prefix.PTuningV2Config(N))
+    table = parameter_table(model)
+    assert set(table.loc[table["trainable"], "kind"]) == {"prefix", "head"}
+    assert set(table.loc[table["kind"] == "prefix", "name"]) == {"prefix_encoder.embedding.weight"}
+
+
+def test_fold_keeps_the_logits_and_drops_the_mlp():
+    config = prefix.PrefixTuningConfig(N, hidden_size=H)
+    model = prefix.apply(models.tiny_model("llama"), config).eval()
+    batch = make_batch("causal_lm")
+    with torch.no_grad():
+        before = model(**batch).logits
+    total_before = count_parameters(model).total
+    assert prefix.fold(model) is model
+    with torch.no_grad():
+        after = model(**batch).logits
+    assert_close(after, before, atol=1e-6, rtol=0)  # the same MLP output, computed once instead of every call
+    L, _, d_kv = dims(model)
+    assert [name for name, _ in model.named_parameters() if "prefix" in name] == ["prefix_encoder.embedding.weight"]
+    assert count_parameters(model).trainable == L * 2 * N * d_kv
+    assert total_before - count_parameters(model).total == prefix.closed_form_count(model, config) - L * 2 * N * d_kv
+    assert prefix.fold(model) is model  # nothing left to fold
+
+
+@pytest.mark.parametrize(
+    ("arch", "task", "config"),
+    [
+        ("llama", "causal_lm", prefix.PrefixTuningConfig(N, hidden_size=16)),
+        ("gpt2", "causal_lm", prefix.PrefixTuningConfig(N, reparametrize=False)),
+        ("bert", "classification", prefix.PTuningV2Config(N)),
+    ],
+    ids=["prefix-mlp-llama", "prefix-direct-gpt2", "p-tuning-v2-bert"],
+)
+def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(arch, task, config):
+    base = models.tiny_model(arch, task)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = prefix.apply(base, config)
+    input_ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(1))
+    labels = input_ids if task == "causal_lm" else torch.tensor([0, 1, 2, 1])
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    history = train(model, [batch], TrainConfig(max_steps=8, learning_rate=3e-2, schedule="constant"), progress=False)
+    assert history.losses[-1] < history.losses[0] - 1e-3
+    changed = {name for name, tensor in base.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed == ({"classifier.weight", "classifier.bias"} if config.train_head else set())
+
+
+def test_counting_on_the_meta_device_needs_no_weights():
+    direct = prefix.PrefixTuningConfig(20, reparametrize=False)
+    model = prefix.apply(models.meta_model("llama-2-7b"), direct)
+    assert count_parameters(model).trainable == 32 * 2 * 20 * 4096
+    model = prefix.apply(models.meta_model("llama-3-8b"), direct)  # 8 KV heads of 128: d_kv = 1024, not 4096
+    assert count_parameters(model).trainable == 32 * 2 * 20 * 1024
+    reparametrized = prefix.PrefixTuningConfig(20, hidden_size=512)
+    model = prefix.apply(models.meta_model("llama-3-8b"), reparametrized)
+    d, h, out = 4096, 512, 2 * 32 * 1024
+    assert count_parameters(model).trainable == 20 * d + d * h + h + h * out + out
+    # peft's own example: bert-base, 20 virtual tokens, SEQ_CLS, no projection -> 370,178 trainable (with the head)
+    model = prefix.apply(models.meta_model("bert-base", task="classification"), prefix.PTuningV2Config(20))
+    assert count_parameters(model).trainable == 370_178
+
+
+def test_bad_configs_say_what_to_change():
+    with pytest.raises(ValueError, match="num_virtual_tokens must be an integer of at least 1, got 0"):
+        prefix.PrefixTuningConfig(num_virtual_tokens=0)
+    with pytest.raises(ValueError, match="at least 1"):
+        prefix.PTuningV2Config(num_virtual_tokens=-1)
+    with pytest.raises(ValueError, match=r"hidden_size .* must be at least 1, got 0"):
+        prefix.PrefixTuningConfig(hidden_size=0)
+
+
+def test_bad_calls_say_what_to_change():
+    distilbert = DistilBertModel(DistilBertConfig(vocab_size=128, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
+    with pytest.raises(ValueError, match="supports llama, qwen2, gpt2, bert; got model_type 'distilbert'"):
+        prefix.apply(distilbert, prefix.PrefixTuningConfig(N))
+    with pytest.raises(ValueError, match=r"has no classification head .*: set train_head=False"):
+        prefix.apply(models.tiny_model("llama"), prefix.PTuningV2Config(N))
+    checkpointed = models.tiny_model("llama")
+    checkpointed.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="gradient checkpointing drops: turn it off"):
+        prefix.apply(checkpointed, prefix.PrefixTuningConfig(N))
+    with pytest.raises(TypeError, match="PrefixTuningConfig or PTuningV2Config"):
+        prefix.apply(models.tiny_model("llama"), prompt.PromptTuningConfig(N))
+    with pytest.raises(TypeError, match="fold takes the PrefixTunedModel"):
+        prefix.fold(models.tiny_model("llama"))
+    bert = prefix.apply(models.tiny_model("bert", task="classification"), prefix.PTuningV2Config(100))
+    with pytest.raises(ValueError, match=r"100 virtual tokens \+ 40 input tokens = 140 positions"):
+        bert(input_ids=torch.ones(1, 40, dtype=torch.long))
