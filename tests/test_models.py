@@ -94,7 +94,9 @@ def test_missing_wheel_names_the_install_command(monkeypatch):
 
 
 def test_hub_model_offline_gives_a_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # read once at import: patch the constant
     with pytest.raises(models.ModelNotFoundError, match="Could not load 'peftlab-test/does-not-exist'"):
         models.load_encoder("peftlab-test/does-not-exist")
 

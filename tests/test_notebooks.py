@@ -44,3 +44,16 @@ def test_readme_indexes_every_notebook():
     readme = (REPO / "README.md").read_text()
     for path in NOTEBOOKS:
         assert f"notebooks/{path.name}" in readme, f"{path.name} is missing from the README's index"
+
+
+def test_the_cleanliness_check_catches_noise():
+    checked = nbformat.v4.new_code_cell("# NBVAL_CHECK_OUTPUT\nprint(1)")
+    checked.outputs = [nbformat.v4.new_output("stream", text="1\n")]
+    unchecked = nbformat.v4.new_code_cell("x = 1", execution_count=3, metadata={"scrolled": True})
+    notebook = nbformat.v4.new_notebook(cells=[unchecked, checked])
+    notebook.metadata["widgets"] = {"state": {}}
+    found = notebook_tools.problems(notebook)
+    assert any("notebook metadata" in p for p in found) and any("['scrolled']" in p for p in found)
+    assert any("cell 0: execution count 3, expected None" in p for p in found)
+    assert any("cell 1: execution count None, expected 2" in p for p in found)
+    assert notebook_tools.problems(notebook_tools.clean(notebook)) == []

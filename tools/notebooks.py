@@ -4,9 +4,11 @@
     python tools/notebooks.py run   notebooks/*.ipynb   execute (profile from PEFTLAB_PROFILE), then clean
     python tools/notebooks.py check notebooks/*.ipynb   list what is not clean (exit 1 if anything)
 
-Clean means: no execution counts, no cell metadata but tags, notebook metadata reduced to the kernel and the
-language, and outputs only in cells marked ``# NBVAL_CHECK_OUTPUT`` (the cells nbval compares; their stderr is
-dropped, since it holds warnings that vary between machines).
+Clean means: no cell metadata but tags, notebook metadata reduced to the kernel and the language, and outputs
+only in cells marked ``# NBVAL_CHECK_OUTPUT`` (the cells nbval compares; their stderr is dropped, since it holds
+warnings that vary between machines). No execution counts, with one exception that nbval forces: it compares a
+cell only when the stored cell has an execution count, so a checked cell carries a fixed one, its position among
+the code cells (1, 2, ...). Re-running a notebook therefore never changes its file unless its content changed.
 """
 
 from __future__ import annotations
@@ -25,15 +27,23 @@ def is_checked(cell) -> bool:
     return cell.cell_type == "code" and cell.source.lstrip().startswith(CHECK_MARK)
 
 
+def fixed_counts(notebook) -> dict[int, int | None]:
+    """The execution count each cell should carry: its position among code cells if checked, else none."""
+    code_cells = [index for index, cell in enumerate(notebook.cells) if cell.cell_type == "code"]
+    return {index: position if is_checked(notebook.cells[index]) else None
+            for position, index in enumerate(code_cells, start=1)}  # fmt: skip
+
+
 def clean(notebook):
     """The notebook as git should hold it (see the module docstring)."""
     notebook.metadata = nbformat.from_dict(CLEAN_METADATA)
-    for cell in notebook.cells:
+    counts = fixed_counts(notebook)
+    for index, cell in enumerate(notebook.cells):
         tags = cell.metadata.get("tags")
         cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
         if cell.cell_type != "code":
             continue
-        cell.execution_count = None
+        cell.execution_count = counts[index]
         if not is_checked(cell):
             cell.outputs = []
             continue
@@ -42,7 +52,7 @@ def clean(notebook):
             if output.output_type == "stream" and output.name == "stderr":
                 continue
             if "execution_count" in output:
-                output.execution_count = None
+                output.execution_count = counts[index]
             if "metadata" in output:
                 output.metadata = nbformat.from_dict({})
             kept.append(output)
@@ -55,19 +65,20 @@ def problems(notebook) -> list[str]:
     found = []
     if dict(notebook.metadata) != CLEAN_METADATA:
         found.append(f"notebook metadata {sorted(notebook.metadata)} is not just kernelspec and language_info")
+    counts = fixed_counts(notebook)
     for index, cell in enumerate(notebook.cells):
         where = f"cell {index}"
         if set(cell.metadata) - {"tags"}:
             found.append(f"{where}: metadata {sorted(set(cell.metadata) - {'tags'})}")
         if cell.cell_type != "code":
             continue
-        if cell.execution_count is not None:
-            found.append(f"{where}: execution count {cell.execution_count}")
+        if cell.execution_count != counts[index]:
+            found.append(f"{where}: execution count {cell.execution_count}, expected {counts[index]}")
         if cell.outputs and not is_checked(cell):
             found.append(f"{where}: outputs kept in a cell nbval does not check")
         for output in cell.outputs:
-            if output.get("execution_count") is not None:
-                found.append(f"{where}: execution count in an output")
+            if output.get("execution_count") not in (None, counts[index]):
+                found.append(f"{where}: execution count {output.get('execution_count')} in an output")
             if output.get("metadata"):
                 found.append(f"{where}: output metadata")
     return found
