@@ -1,5 +1,6 @@
 """The notebooks as files: clean in git, on the template, listed in the README. (nbval runs them.)"""
 
+import json
 import re
 import sys
 from pathlib import Path
@@ -57,3 +58,16 @@ def test_the_cleanliness_check_catches_noise():
     assert any("cell 0: execution count 3, expected None" in p for p in found)
     assert any("cell 1: execution count None, expected 2" in p for p in found)
     assert notebook_tools.problems(notebook_tools.clean(notebook)) == []
+
+
+@pytest.mark.parametrize("record", sorted((REPO / "notebooks" / "results").glob("*.json")), ids=lambda p: p.name)
+def test_full_run_numbers_in_the_prose_come_from_its_record(record):
+    """A full run writes notebooks/results/NN_*.json; the notebook's prose must quote what it measured."""
+    notebook = nbformat.read(next((REPO / "notebooks").glob(f"{record.name[:2]}_*.ipynb")), as_version=4)
+    prose = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
+    measured = json.loads(record.read_text())
+    assert measured["profile"] == "full"
+    gpu = measured["device"].removeprefix("NVIDIA ").split()[0]  # "NVIDIA H100 80GB HBM3" -> "H100"
+    assert gpu in prose, f"the prose does not name the device the numbers were measured on ({gpu})"
+    for row in measured["results"] + measured.get("freeze_sweep", []):
+        assert f"{row['accuracy']:.3f}" in prose, f"{row} is not quoted in the prose"
