@@ -237,6 +237,27 @@ def load_causal_lm(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Families: the module layouts the methods know
+# ----------------------------------------------------------------------------------------------------------------
+#: ``model_type`` → family. Qwen2 and Mistral name their modules as Llama does.
+FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert"}
+
+
+def family(model_or_config: nn.Module | PretrainedConfig, needed_by: str = "peftlab") -> str:
+    """``"llama"``, ``"gpt2"`` or ``"bert"``: the module layout of a transformers model, from its ``model_type``."""
+    config = (
+        model_or_config if isinstance(model_or_config, PretrainedConfig) else getattr(model_or_config, "config", None)
+    )
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAMILIES:
+        raise ValueError(
+            f"{needed_by} knows the module layout of {', '.join(sorted(FAMILIES))} models, not of "
+            f"{type(model_or_config).__name__} (model_type {model_type!r})."
+        )
+    return FAMILIES[model_type]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Tiny random-init models for fast tests
 # ----------------------------------------------------------------------------------------------------------------
 def tiny_config(arch: str) -> PretrainedConfig:

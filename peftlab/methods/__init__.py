@@ -1,5 +1,56 @@
 """PEFT methods, one module per family. Each has config dataclasses and ``apply(model, config) -> model``.
 
 ``apply`` freezes what must be frozen, adds what is trained, and returns a model that trains with
-:func:`peftlab.train.train` like any other.
+:func:`peftlab.train.train` like any other. The families:
+
+* :mod:`~peftlab.methods.selective`: full fine-tuning, Freeze (top-k blocks), BitFit (biases);
+* :mod:`~peftlab.methods.prompt`: prompt tuning and P-tuning (soft prompts at the input);
+* :mod:`~peftlab.methods.prefix`: prefix tuning and P-tuning v2 (keys and values in every layer);
+* :mod:`~peftlab.methods.adapter`: Houlsby bottleneck adapters;
+* :mod:`~peftlab.methods.lora`: LoRA, rsLoRA, LoRA-FA, LoRA+; merge and peft's adapter format;
+* :mod:`~peftlab.methods.ia3`: (IA)³ scaling vectors.
+
+:func:`apply_method` applies one by name (``"lora"``) with the family's default settings: the one way that the
+memory estimator and the explorers pick a method.
 """
+
+from __future__ import annotations
+
+from torch import nn
+
+from peftlab.methods import adapter, ia3, lora, prefix, prompt, selective
+from peftlab.models import family
+
+METHOD_NAMES = ("full", "freeze", "bitfit", "prompt", "ptuning", "prefix", "adapter", "lora", "qlora", "ia3")
+#: LoRA's default targets per family: the query and value projections, as in Hu et al. (2021).
+LORA_TARGETS = {"llama": ("q_proj", "v_proj"), "gpt2": ("c_attn",), "bert": ("query", "value")}
+
+
+def default_config(method: str, model: nn.Module):
+    """The config a method gets when none is given. QLoRA adapts every linear layer, as in Dettmers et al. (2023)."""
+    if method not in METHOD_NAMES:
+        raise ValueError(f"Unknown method {method!r}; use one of {', '.join(METHOD_NAMES)}.")
+    if method in ("lora", "qlora"):
+        targets = lora.ALL_LINEAR if method == "qlora" else LORA_TARGETS[family(model, needed_by="LoRA's defaults")]
+        return lora.LoRAConfig(r=8, alpha=16, target_modules=targets)
+    return {
+        "full": selective.FullConfig,
+        "freeze": selective.FreezeConfig,
+        "bitfit": selective.BitFitConfig,
+        "prompt": prompt.PromptTuningConfig,
+        "ptuning": prompt.PTuningConfig,
+        "prefix": prefix.PrefixTuningConfig,
+        "adapter": adapter.AdapterConfig,
+        "ia3": ia3.IA3Config,
+    }[method]()
+
+
+MODULES = {"full": selective, "freeze": selective, "bitfit": selective, "prompt": prompt, "ptuning": prompt,
+           "prefix": prefix, "adapter": adapter, "lora": lora, "qlora": lora, "ia3": ia3}  # fmt: skip
+
+
+def apply_method(model: nn.Module, method: str, config=None) -> nn.Module:
+    """Apply a method by name; ``config`` defaults to :func:`default_config`. QLoRA's trainable part is LoRA's: its
+    4-bit base is a matter of precision (see :mod:`peftlab.memory`)."""
+    config = config if config is not None else default_config(method, model)
+    return MODULES[method].apply(model, config)

@@ -43,13 +43,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from peftlab.models import family
 from peftlab.params import kind_of, layer_of
 
 PLACEMENTS = ("attention", "ffn")
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU}
 
-#: model_type → family; Qwen2 and Mistral name their modules as Llama does.
-FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert"}
 #: The list of transformer blocks, per family (``model.layers``, ``transformer.h``, ``encoder.layer``).
 BLOCKS = {"llama": "layers", "gpt2": "h", "bert": "encoder.layer"}
 #: The output projection each placement wraps, relative to its block.
@@ -132,17 +131,6 @@ class AdapterWrapped(nn.Module):
         return self.adapter(self.base(x))
 
 
-def model_family(model: nn.Module) -> str:
-    """``"llama"``, ``"gpt2"`` or ``"bert"``: the module layout of a transformers model, from its ``model_type``."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"Adapters know the module layout of {', '.join(sorted(FAMILIES))} models, not of "
-            f"{type(model).__name__} (model_type {model_type!r})."
-        )
-    return FAMILIES[model_type]
-
-
 def _blocks(model: nn.Module, family: str) -> tuple[str, nn.ModuleList]:
     """The name and the ``ModuleList`` of the transformer blocks."""
     suffix = BLOCKS[family]
@@ -169,8 +157,8 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
         raise TypeError(f"adapter.apply takes an AdapterConfig, got {type(config).__name__}.")
     if any(isinstance(module, AdapterWrapped) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapters: apply adapters to a fresh base model.")
-    family = model_family(model)
-    blocks_name, blocks = _blocks(model, family)
+    layout = family(model, needed_by="Adapters")
+    blocks_name, blocks = _blocks(model, layout)
     layers = range(len(blocks)) if config.layers is None else config.layers
     out_of_range = [i for i in layers if i >= len(blocks)]
     if out_of_range:
@@ -178,7 +166,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
             f"layers {out_of_range} out of range: {type(model).__name__} has {len(blocks)} blocks, "
             f"choose from 0..{len(blocks) - 1}."
         )
-    targets = [(blocks[i], WRAPPED[family][placement]) for i in layers for placement in config.placement]
+    targets = [(blocks[i], WRAPPED[layout][placement]) for i in layers for placement in config.placement]
     for block, path in targets:
         d = _out_features(block.get_submodule(path))
         if config.bottleneck > d:

@@ -47,8 +47,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-#: model_type → family; Qwen2 and Mistral name their modules as Llama does.
-FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert"}
+from peftlab.models import family
+
 _BERT_FFN_DOWN = r".*\.layer\.\d+\.output\.dense"
 #: family → (target_modules, feedforward_modules).
 DEFAULT_TARGETS = {
@@ -144,15 +144,10 @@ def _close_names(model: nn.Module, wanted: str) -> str:
 
 def resolve_targets(model: nn.Module, config: IA3Config) -> dict[str, bool]:
     """The modules ``config`` adapts: full name → whether its input (True) or its output (False) is scaled."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
     target_modules, feedforward_modules = config.target_modules, config.feedforward_modules
     if target_modules is None or feedforward_modules is None:
-        if model_type not in FAMILIES:
-            raise ValueError(
-                f"(IA)³ has default targets for {', '.join(sorted(FAMILIES))} models, not for {type(model).__name__} "
-                f"(model_type {model_type!r}): pass target_modules and feedforward_modules."
-            )
-        default_targets, default_feedforward = DEFAULT_TARGETS[FAMILIES[model_type]]
+        needed_by = "(IA)³'s default targets (or pass target_modules and feedforward_modules)"
+        default_targets, default_feedforward = DEFAULT_TARGETS[family(model, needed_by=needed_by)]
         target_modules = default_targets if target_modules is None else target_modules
         feedforward_modules = default_feedforward if feedforward_modules is None else feedforward_modules
 
