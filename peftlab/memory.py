@@ -1,0 +1,602 @@
+"""GPU memory of a training step: an estimate term by term, and the measurement to check it against.
+
+Training memory has five parts (notebook 02 derives each):
+
+* **weights** — every parameter, at the bytes of its storage precision (fp32 4, bf16 2, int8 1, NF4 ½ plus
+  the block scales);
+* **gradients** — one per *trainable* parameter, in the parameter's dtype;
+* **optimizer states** — AdamW keeps two (m and v), SGD with momentum one, plain SGD none, 8-bit Adam two bytes;
+* **activations** — the tensors autograd saves in the forward pass for the backward pass, layer by layer; what
+  is saved depends on which weights train (a frozen ``y = Wx`` never saves ``x``), on the attention kernel
+  (eager saves the B·h·T² attention probabilities, SDPA's flash kernel only B·h·T), on the precision (autocast
+  saves bf16 copies), and on activation checkpointing (only each block's input);
+* **logits and loss** — B·T·V logits, their log-softmax and its gradient: at a 49k–152k vocabulary this term
+  alone can pass the rest of the activations.
+
+Two phases of a step set the peak: the end of the forward pass (weights, optimizer states, activations, logits)
+and the optimizer step (weights, optimizer states, gradients, the optimizer's temporaries). ``estimate`` returns
+each term, both phases and the peak; the CUDA context (the driver and kernels, 0.3–0.6 GB) is reported beside it,
+not inside, because ``torch.cuda.max_memory_allocated`` does not see it.
+
+``measure`` runs real steps: on CUDA it records the peak of ``max_memory_allocated`` over several optimizer steps;
+on any device it counts the bytes of the tensors saved for backward (``torch.autograd.graph.saved_tensors_hooks``),
+which is the activation term, so that the estimate is checked on a CPU too.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+
+from peftlab import models
+from peftlab.methods import METHOD_NAMES, adapter, apply_method, ia3, lora, prefix, prompt
+from peftlab.params import count_parameters
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16", "int8", "nf4", "nf4-dq")
+OPTIMIZERS = ("sgd", "sgd-momentum", "adamw", "adamw-8bit", "adagrad", "rmsprop")
+ATTENTION = ("sdpa", "eager")
+TERMS = ("weights", "gradients", "optimizer_states", "activations", "logits_and_loss", "optimizer_workspace")
+#: Bytes of optimizer state per trainable parameter, per byte of the parameter (8-bit Adam: 2 bytes whatever).
+STATES_PER_PARAMETER = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adagrad": 1, "rmsprop": 1}
+#: GPU memory as nvidia-smi reports it (MiB), for "does it fit".
+GPUS = {"T4 16 GB": 15_360 * 2**20, "A100 40 GB": 40_960 * 2**20, "A100 80 GB": 81_920 * 2**20,
+        "H100 80 GB": 81_559 * 2**20}  # fmt: skip
+#: A typical CUDA context (driver, cuBLAS and cuDNN handles, kernels): measured 0.3-0.6 GiB; it is not allocated
+#: through PyTorch's allocator, so it is shown beside the estimate, never inside it.
+CUDA_CONTEXT_BYTES = 512 * 2**20
+NF4_BLOCK = 64
+NF4_DQ_BLOCK = 256
+
+
+@dataclass
+class MemoryEstimate:
+    """The estimate: each term in bytes, the two phases, the peak, and the settings it was made for."""
+
+    breakdown: dict[str, int]
+    phases: dict[str, dict[str, int]]
+    activations_per_layer: list[int]
+    saved_bytes: int  # everything saved for backward at the end of the forward pass (what saved_tensor_bytes counts)
+    trainable_parameters: int
+    total_parameters: int
+    settings: dict
+    cuda_context: int = CUDA_CONTEXT_BYTES
+
+    @property
+    def peak(self) -> int:
+        """Bytes at the peak: the larger of the two phases (what ``max_memory_allocated`` reports)."""
+        return max(sum(terms.values()) for terms in self.phases.values())
+
+    @property
+    def peak_phase(self) -> str:
+        return max(self.phases, key=lambda phase: sum(self.phases[phase].values()))
+
+    def fits(self, gpu: str) -> bool:
+        """Whether the peak plus the CUDA context fits in a GPU of ``GPUS``."""
+        return self.peak + self.cuda_context <= GPUS[gpu]
+
+    def table(self) -> pd.DataFrame:
+        """One row per term, in GiB and as a share of the peak phase."""
+        peak_terms = self.phases[self.peak_phase]
+        rows = [{"term": term, "GiB": self.breakdown[term] / 2**30, "in peak": term in peak_terms} for term in TERMS]
+        rows.append({"term": "peak", "GiB": self.peak / 2**30, "in peak": True})
+        rows.append({"term": "CUDA context (beside)", "GiB": self.cuda_context / 2**30, "in peak": False})
+        return pd.DataFrame(rows).set_index("term")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Weights, gradients, optimizer states
+# ----------------------------------------------------------------------------------------------------------------
+def _check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"Unknown {name} {value!r}; use one of {', '.join(map(str, allowed))}.")
+
+
+def quantised_bytes_per_parameter(precision: str) -> float:
+    """Bytes per weight of a quantised base matrix: int8 1 (+ a fp32 scale per row, counted apart), NF4 ½ plus an
+    fp32 absmax per block of 64 (0.5625), NF4 with double quantisation ½ plus an 8-bit absmax per block of 64 and
+    an fp32 scale per 256 blocks (≈ 0.5159; Dettmers et al., 2023)."""
+    if precision == "int8":
+        return 1.0
+    if precision == "nf4":
+        return 0.5 + 4 / NF4_BLOCK
+    return 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DQ_BLOCK)
+
+
+def _is_quantisable(name: str, module: nn.Module) -> bool:
+    """Quantisation (int8, NF4) touches the frozen linear layers of the blocks, never embeddings, norms, heads or the
+    method's own parameters — as bitsandbytes and QLoRA do."""
+    from transformers.pytorch_utils import Conv1D
+
+    is_linear = isinstance(module, nn.Linear | Conv1D)
+    method_owned = any(part in name for part in ("lora_", "adapter", "ia3_", "prompt_encoder", "prefix"))
+    return is_linear and not method_owned and ".lm_head" not in f".{name}" and "classifier" not in name
+
+
+def weight_bytes(model: nn.Module, precision: str) -> int:
+    """Bytes of every parameter in its storage precision (see the module docstring)."""
+    dense = {"fp32": 4, "bf16-mixed": 4, "bf16": 2, "int8": 2, "nf4": 2, "nf4-dq": 2}[precision]
+    quantised = set()
+    if precision in ("int8", "nf4", "nf4-dq"):
+        for name, module in model.named_modules():
+            if _is_quantisable(name, module) and not module.weight.requires_grad:
+                quantised.add(id(module.weight))
+    total = 0.0
+    for param in model.parameters():
+        if id(param) in quantised:
+            total += param.numel() * quantised_bytes_per_parameter(precision)
+            if precision == "int8":
+                total += 4 * param.shape[0]  # one fp32 scale per output row
+        else:
+            trainable_in_fp32 = param.requires_grad and precision != "bf16"
+            total += param.numel() * (4 if trainable_in_fp32 else dense)
+    return math.ceil(total)
+
+
+def _parameter_bytes(precision: str) -> int:
+    """Bytes of a trainable parameter: fp32 master weights everywhere except pure bf16."""
+    return 2 if precision == "bf16" else 4
+
+
+def optimizer_state_bytes(trainable: int, optimizer: str, precision: str) -> int:
+    """States per trainable parameter: AdamW m and v; momentum one; AdaGrad and RMSprop one running sum;
+    8-bit Adam two 1-byte states plus an fp32 absmax per block of 2048 per state (Dettmers et al., 2022)."""
+    if optimizer == "adamw-8bit":
+        return 2 * trainable + 2 * 4 * math.ceil(trainable / 2048)
+    return STATES_PER_PARAMETER[optimizer] * _parameter_bytes(precision) * trainable
+
+
+def optimizer_workspace_bytes(trainable: int, optimizer: str, precision: str) -> int:
+    """Temporaries of the step. torch's multi-tensor AdamW computes ``sqrt(v)`` and the update as new tensor lists
+    (about two copies of the trainable parameters); SGD with momentum, AdaGrad and RMSprop one; plain SGD none;
+    8-bit Adam works in blocks (no full copy)."""
+    copies = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adamw-8bit": 0, "adagrad": 1, "rmsprop": 1}[optimizer]
+    return copies * _parameter_bytes(precision) * trainable
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Activations: the tensors saved for backward, block by block
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Linear:
+    """How one projection of a block is set up for training."""
+
+    in_features: int
+    out_features: int
+    weight_trains: bool = False
+    bias_trains: bool = False
+    lora_rank: int = 0
+    lora_a_trains: bool = True
+    ia3: str = ""  # "", "output" or "input"
+    adapter_bottleneck: int = 0
+
+
+@dataclass
+class Dims:
+    batch: int
+    tokens: int  # query positions (input tokens plus soft-prompt tokens)
+    keys: int  # key positions (tokens plus prefix tokens)
+    hidden: int
+    ffn: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+
+
+@dataclass
+class Precision:
+    """Byte sizes of what the forward pass computes in."""
+
+    stream: int  # the residual stream between blocks
+    compute: int  # matmul inputs and outputs
+    autocast: bool  # bf16-mixed: matmuls cast their (fp32) inputs to bf16 copies
+
+    @classmethod
+    def of(cls, precision: str) -> Precision:
+        if precision == "fp32":
+            return cls(stream=4, compute=4, autocast=False)
+        if precision == "bf16-mixed":
+            return cls(stream=4, compute=2, autocast=True)
+        return cls(stream=2, compute=2, autocast=False)
+
+
+@dataclass
+class Tally:
+    """Bytes saved for backward, by the part of the block that saves them. A tensor saved by several operations
+    (the normalised input of q, k and v) is counted once: pass the same ``key``."""
+
+    parts: dict[str, int] = field(default_factory=dict)
+    keys: set = field(default_factory=set)
+
+    def add(self, part: str, elements: int, bytes_per_element: int, key: str | None = None) -> None:
+        if key is not None:
+            if key in self.keys:
+                return
+            self.keys.add(key)
+        self.parts[part] = self.parts.get(part, 0) + elements * bytes_per_element
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+
+def _linear(tally: Tally, name: str, layer: Linear, rows: int, source: str, input_needs_grad: bool, p: Precision,
+            input_bytes: int) -> bool:  # fmt: skip
+    """What ``y = W x (+ b)`` and its method save; returns whether ``y`` needs a gradient.
+
+    A matmul saves its input when the weight trains (for ∂L/∂W = δ xᵀ) and its weight when the input needs a
+    gradient (for ∂L/∂x = Wᵀ δ). The weight is a parameter and costs nothing new, except under autocast: there each
+    matmul casts its inputs to bf16 copies (the trained weights' copies are cached for the whole forward pass). A
+    bias needs no saved tensor. ``source`` names the input tensor, so that an input shared by several projections
+    is counted once (under autocast each projection saves its own copy).
+    """
+    shared = None if p.autocast else source
+    x_bytes = p.compute if p.autocast else input_bytes
+    if layer.weight_trains:
+        tally.add("inputs of trained projections", rows * layer.in_features, x_bytes, key=shared)
+    if p.autocast and (input_needs_grad or layer.weight_trains):
+        tally.add("bf16 weight copies (autocast)", layer.in_features * layer.out_features, p.compute)
+    output_needs_grad = input_needs_grad or layer.weight_trains or layer.bias_trains
+    if layer.lora_rank:
+        if layer.lora_a_trains:
+            tally.add("inputs of trained projections", rows * layer.in_features, x_bytes, key=shared)
+        tally.add("LoRA A·x", rows * layer.lora_rank, p.compute)
+        if p.autocast:
+            tally.add("bf16 weight copies (autocast)", layer.lora_rank * (layer.in_features + layer.out_features), 2)
+        output_needs_grad = True
+    if layer.ia3 == "output":
+        tally.add("IA3 scaled outputs", rows * layer.out_features, p.compute)
+        output_needs_grad = True
+    if layer.ia3 == "input":
+        tally.add("IA3 scaled inputs", rows * layer.in_features, input_bytes, key=shared)
+        output_needs_grad = True
+    if layer.adapter_bottleneck:
+        tally.add("adapter inputs", rows * layer.out_features, p.compute)
+        tally.add("adapter bottleneck", rows * layer.adapter_bottleneck, p.compute)
+        if p.autocast:
+            tally.add("bf16 weight copies (autocast)", 2 * layer.out_features * layer.adapter_bottleneck, 2)
+        output_needs_grad = True
+    return output_needs_grad
+
+
+def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel: bool) -> None:
+    """The attention kernel's saved tensors. SDPA (flash / memory-efficient): q, k, v, the output and the log-sum-exp
+    (fp32, B·h·T). Eager: q and the keys and values repeated to every head, and the B·h·T·T_k probabilities (fp32,
+    plus their bf16 copy under autocast)."""
+    rows, key_rows = dims.batch * dims.tokens, dims.batch * dims.keys
+    q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    if attn == "sdpa":
+        kv_width = kv if gqa_in_kernel else q
+        tally.add("attention q, k, v, output", rows * 2 * q + key_rows * 2 * kv_width, p.compute)
+        tally.add("attention log-sum-exp", dims.batch * dims.heads * dims.tokens, 4)
+        if dims.keys > dims.tokens:  # a prefix: the kernel gets (and keeps) an explicit B·T·(n+T) mask
+            tally.add("attention mask", dims.batch * dims.tokens * dims.keys, p.compute)
+        return
+    tally.add("attention q, k, v", rows * q + key_rows * 2 * q, p.compute)
+    probabilities = dims.batch * dims.heads * dims.tokens * dims.keys
+    tally.add("attention probabilities (fp32 softmax)", probabilities, 4)
+    if p.compute == 2:  # cast back to bf16 for the product with V
+        tally.add("attention probabilities (bf16 copy)", probabilities, 2)
+
+
+def _llama_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream_needs_grad: bool, attn: str,
+                 p: Precision, gqa_in_kernel: bool) -> Tally:  # fmt: skip
+    """Saved tensors of one Llama block (RMSNorm → attention → residual → RMSNorm → SwiGLU → residual)."""
+    tally = Tally()
+    rows, d, f = dims.batch * dims.tokens, dims.hidden, dims.ffn
+
+    def rms_norm(name: str, input_needs_grad: bool) -> bool:
+        # HF's RMSNorm computes in fp32: x32 = x.float(); x32 * rsqrt(mean(x32²) + ε); weight * that.to(dtype)
+        if input_needs_grad:
+            tally.add("RMSNorm inputs (fp32)", rows * d, 4)
+            tally.add("RMSNorm 1/rms", rows, 4)
+        if norms_train:
+            tally.add("RMSNorm normalised", rows * d, p.stream)
+        return input_needs_grad or norms_train
+
+    x_grad = rms_norm("norm 1", stream_needs_grad)
+    q_grad, k_grad, v_grad = (_linear(tally, key, layers[key], rows, "norm 1", x_grad, p, p.stream) for key in "qkv")
+    attention_grad = q_grad or k_grad or v_grad or dims.keys > dims.tokens  # a trained prefix enters here
+    if attention_grad:
+        _attention(tally, dims, attn, p, gqa_in_kernel)
+    o_grad = _linear(tally, "o", layers["o"], rows, "attention", attention_grad, p, p.compute)
+    residual_grad = stream_needs_grad or o_grad
+    x_grad = rms_norm("norm 2", residual_grad)
+    gate_grad, up_grad = (
+        _linear(tally, key, layers[key], rows, "norm 2", x_grad, p, p.stream) for key in ("gate", "up")
+    )
+    if gate_grad:
+        tally.add("SiLU input", rows * f, p.compute)
+    if gate_grad or up_grad:  # the product saves each factor whose partner needs a gradient
+        tally.add("SiLU(gate) · up factors", rows * f * (2 if gate_grad and up_grad else 1), p.compute)
+    _linear(tally, "down", layers["down"], rows, "SwiGLU", gate_grad or up_grad, p, p.compute)
+    return tally
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a model after a method was applied
+# ----------------------------------------------------------------------------------------------------------------
+LLAMA_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+
+
+def _describe_linear(module: nn.Module) -> Linear:
+    """Unwrap a (possibly LoRA-, IA3- or adapter-wrapped) projection into a :class:`Linear`."""
+    description = Linear(0, 0)
+    while True:
+        if isinstance(module, lora.LoRALinear):
+            description.lora_rank = module.lora_A.out_features
+            description.lora_a_trains = module.lora_A.weight.requires_grad
+            module = module.base_layer
+        elif isinstance(module, ia3.IA3Scaled):
+            description.ia3 = "input" if module.scale_input else "output"
+            module = module.base
+        elif isinstance(module, adapter.AdapterWrapped):
+            description.adapter_bottleneck = module.adapter.down.out_features
+            module = module.base
+        else:
+            break
+    weight = module.weight
+    description.in_features, description.out_features = weight.shape[1], weight.shape[0]
+    description.weight_trains = weight.requires_grad
+    description.bias_trains = module.bias is not None and module.bias.requires_grad
+    return description
+
+
+def _base_of(model: nn.Module) -> tuple[nn.Module, int, int]:
+    """The transformers model under a prompt or prefix wrapper, with the virtual tokens it adds to the queries and
+    to the keys."""
+    if isinstance(model, prompt.VirtualTokenModel):
+        return model.base_model, model.num_virtual_tokens, 0
+    if isinstance(model, prefix.PrefixTunedModel):
+        return model.base_model, 0, model.num_virtual_tokens
+    return model, 0, 0
+
+
+def _blocks_of(base: nn.Module) -> nn.ModuleList:
+    return base.model.layers
+
+
+def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, precision: str, attn: str,
+                               grad_checkpointing: bool) -> tuple[list[int], Dims]:  # fmt: skip
+    """Saved-for-backward bytes of each block, and of the logits and loss (see :func:`estimate`)."""
+    base, extra_queries, extra_keys = _base_of(model)
+    config = base.config
+    layout = models.family(config, needed_by="The memory estimator")
+    if layout != "llama":
+        raise NotImplementedError(f"The activation model covers Llama-style decoders so far, not {layout}.")
+    p = Precision.of(precision)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dims = Dims(batch=batch_size, tokens=seq_len + extra_queries, keys=seq_len + extra_queries + extra_keys,
+                hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
+                kv_heads=config.num_key_value_heads, head_dim=head_dim, vocab=config.vocab_size)  # fmt: skip
+    rows = dims.batch * dims.tokens
+    stream_grad = extra_queries > 0  # a soft prompt makes the input embeddings trainable
+    per_layer = []
+    for block in _blocks_of(base):
+        layers = {key: _describe_linear(block.get_submodule(path)) for key, path in LLAMA_LINEARS.items()}
+        norms_train = block.input_layernorm.weight.requires_grad
+        block_trains = any(p.requires_grad for p in block.parameters()) or extra_keys > 0
+        if grad_checkpointing:
+            per_layer.append(rows * dims.hidden * p.stream if (stream_grad or block_trains) else 0)
+        else:
+            gqa = attn == "sdpa" and dims.keys == dims.tokens  # a prefix needs a mask: the kernel repeats k and v
+            per_layer.append(_llama_block(dims, layers, norms_train, stream_grad, attn, p, gqa).total)
+        stream_grad = stream_grad or block_trains
+    return per_layer, dims
+
+
+def logits_bytes(model: nn.Module, dims: Dims, precision: str, stream_grad: bool) -> dict[str, int]:
+    """The final norm, the LM head and the loss.
+
+    Saved: the final RMSNorm's input; the LM head's input when the head trains (tied embeddings train in full
+    fine-tuning) and, under autocast, its bf16 weight copy; the fp32 log-softmax that cross-entropy keeps. Live at
+    the peak, at the start of backward: the gradient of the log-probabilities and of the logits, each B·T·V in fp32
+    (and the bf16 logits kept for the LM head's backward under mixed precision).
+    """
+    base, _, _ = _base_of(model)
+    rows, logits = dims.batch * dims.tokens, dims.batch * dims.tokens * dims.vocab
+    p = Precision.of(precision)
+    head = base.get_output_embeddings().weight
+    saved = 0
+    if stream_grad:
+        saved += rows * dims.hidden * 4 + rows * 4
+    if head.requires_grad:
+        saved += rows * dims.hidden * (p.compute if p.autocast else p.stream)
+    if p.autocast and (stream_grad or head.requires_grad):
+        saved += head.numel() * 2
+    saved += logits * 4
+    transient = logits * 4 * 2 + (logits * 2 if p.compute == 2 else 0)
+    return {"saved": saved, "transient": transient}
+
+
+def encoder_saved_bytes(model: nn.Module, precision: str) -> int:
+    """What a prompt or prefix encoder (P-tuning's MLP, prefix tuning's reparametrisation) saves: its layers' inputs
+    for n virtual tokens, tanh outputs, and under autocast its bf16 weight copies. Small next to the blocks."""
+    encoder = getattr(model, "prompt_encoder", None) or getattr(model, "prefix_encoder", None)
+    if encoder is None:
+        return 0
+    p = Precision.of(precision)
+    rows = model.num_virtual_tokens
+    total = 0
+    for module in encoder.modules():
+        if isinstance(module, nn.Linear):
+            total += rows * module.in_features * (p.compute if p.autocast else p.stream)
+            total += module.weight.numel() * 2 if p.autocast else 0
+        elif isinstance(module, nn.Tanh | nn.ReLU):
+            total += rows * encoder_width(encoder) * p.compute
+    return total
+
+
+def encoder_width(encoder: nn.Module) -> int:
+    """The hidden width of an encoder MLP: the out_features of its first linear layer."""
+    return next(m.out_features for m in encoder.modules() if isinstance(m, nn.Linear))
+
+
+def _with_method(model_or_config, method: str, method_config) -> nn.Module:
+    if isinstance(model_or_config, str | PretrainedConfig):
+        model = models.meta_model(model_or_config)
+    else:
+        model = copy.deepcopy(model_or_config).to("meta")
+    return apply_method(model, method, method_config)
+
+
+def estimate(
+    model_or_config,
+    method: str = "full",
+    method_config=None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    precision: str = "bf16-mixed",
+    optimizer: str = "adamw",
+    grad_checkpointing: bool = False,
+    attn_implementation: str = "sdpa",
+) -> MemoryEstimate:
+    """Estimate the GPU memory of one training step (see the module docstring for the terms).
+
+    ``model_or_config`` is an architecture name (``"llama-3-8b"``), a transformers config, or a model; the method
+    is applied for real on the meta device, so the trainable count is exact. ``precision``: ``fp32``;
+    ``bf16-mixed`` (fp32 weights, bf16 autocast); ``bf16`` (pure bf16); ``int8``, ``nf4``, ``nf4-dq`` (a quantised
+    frozen base, bf16 compute, as in QLoRA).
+    """
+    _check_choice("method", method, METHOD_NAMES)
+    _check_choice("precision", precision, PRECISIONS)
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    _check_choice("attn_implementation", attn_implementation, ATTENTION)
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+    if precision in ("int8", "nf4", "nf4-dq") and method not in ("lora", "qlora", "ia3", "adapter", "prompt",
+                                                                  "ptuning", "prefix"):  # fmt: skip
+        raise ValueError(f"A quantised base ({precision}) cannot be trained by {method!r}: use a method that keeps "
+                         "the base frozen (lora, qlora, ia3, adapter, prompt, ptuning, prefix).")  # fmt: skip
+    model = _with_method(model_or_config, method, method_config)
+    counts = count_parameters(model)
+    compute_precision = "bf16" if precision in ("int8", "nf4", "nf4-dq") else precision
+    per_layer, dims = activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
+                                                 grad_checkpointing)  # fmt: skip
+    logits = logits_bytes(model, dims, compute_precision, stream_grad=any(per_layer))
+    weights = weight_bytes(model, precision)
+    gradients = counts.trainable * _parameter_bytes(precision)
+    states = optimizer_state_bytes(counts.trainable, optimizer, precision)
+    workspace = optimizer_workspace_bytes(counts.trainable, optimizer, precision)
+    activations = sum(per_layer) + encoder_saved_bytes(model, compute_precision)
+    if grad_checkpointing:  # backward recomputes one block at a time: its activations live once more
+        recompute = activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
+                                               False)[0]  # fmt: skip
+        activations += max(recompute)
+    breakdown = {"weights": weights, "gradients": gradients, "optimizer_states": states,
+                 "activations": activations, "logits_and_loss": logits["saved"] + logits["transient"],
+                 "optimizer_workspace": workspace}  # fmt: skip
+    forward_terms = ("weights", "optimizer_states", "activations", "logits_and_loss")
+    step_terms = ("weights", "optimizer_states", "gradients", "optimizer_workspace")
+    phases = {
+        "forward and backward": {term: breakdown[term] for term in forward_terms},
+        "optimizer step": {term: breakdown[term] for term in step_terms},
+    }
+    settings = {"method": method, "batch_size": batch_size, "seq_len": seq_len, "precision": precision,
+                "optimizer": optimizer, "grad_checkpointing": grad_checkpointing,
+                "attn_implementation": attn_implementation}  # fmt: skip
+    return MemoryEstimate(breakdown=breakdown, phases=phases, activations_per_layer=per_layer,
+                          saved_bytes=sum(per_layer) + encoder_saved_bytes(model, compute_precision) + logits["saved"],
+                          trainable_parameters=counts.trainable,
+                          total_parameters=counts.total, settings=settings)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------------------------
+def saved_tensor_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool = False) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward pass (each storage once, parameters left
+    out): the activation memory, measured on any device."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in params and storage.nbytes():
+            storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    device = next(model.parameters()).device
+    context = (
+        torch.autocast(device.type, dtype=torch.bfloat16) if autocast else torch.autocast(device.type, enabled=False)
+    )
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), context:
+        loss = model(**batch).loss
+    del loss
+    return sum(storages.values())
+
+
+def make_optimizer(model: nn.Module, optimizer: str, learning_rate: float = 1e-4) -> torch.optim.Optimizer:
+    """The optimizer a name stands for, over the trainable parameters (8-bit Adam needs bitsandbytes and a GPU)."""
+    _check_choice("optimizer", optimizer, OPTIMIZERS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if optimizer == "adamw-8bit":
+        import bitsandbytes
+
+        return bitsandbytes.optim.AdamW8bit(params, lr=learning_rate)
+    factories = {
+        "sgd": lambda: torch.optim.SGD(params, lr=learning_rate),
+        "sgd-momentum": lambda: torch.optim.SGD(params, lr=learning_rate, momentum=0.9),
+        "adamw": lambda: torch.optim.AdamW(params, lr=learning_rate),
+        "adagrad": lambda: torch.optim.Adagrad(params, lr=learning_rate),
+        "rmsprop": lambda: torch.optim.RMSprop(params, lr=learning_rate),
+    }
+    return factories[optimizer]()
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """Activation checkpointing of every block (transformers' own switch; its name changed in transformers 5.2x)."""
+    base, _, _ = _base_of(model)
+    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
+    enable()
+
+
+@dataclass
+class Measurement:
+    """What one run of training steps used. ``peak_allocated`` and ``reserved`` are CUDA-only (else None)."""
+
+    saved_bytes: int
+    peak_allocated: int | None = None
+    reserved: int | None = None
+    cuda_context: int | None = None
+    device: str = "cpu"
+
+
+def measure(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: str = "adamw", steps: int = 3,
+            autocast: bool = False) -> Measurement:  # fmt: skip
+    """Train ``steps`` optimizer steps on one batch and measure.
+
+    On CUDA: the peak of ``torch.cuda.max_memory_allocated`` over the steps (the optimizer states exist from the
+    second step on, so at least two are needed), the memory the caching allocator reserved, and the CUDA context
+    (what the device uses beyond what PyTorch reserved). On every device: the bytes saved for backward in one
+    forward pass (:func:`saved_tensor_bytes`).
+    """
+    if steps < 2:
+        raise ValueError(f"steps must be at least 2 (optimizer states appear after the first step), got {steps}.")
+    device = next(model.parameters()).device
+    result = Measurement(saved_bytes=saved_tensor_bytes(model, batch, autocast=autocast), device=str(device))
+    opt = make_optimizer(model, optimizer)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        result.peak_allocated = torch.cuda.max_memory_allocated(device)
+        result.reserved = torch.cuda.memory_reserved(device)
+        free, total = torch.cuda.mem_get_info(device)
+        result.cuda_context = max(0, total - free - result.reserved)
+    return result
