@@ -265,7 +265,7 @@ def _linear(tally: Tally, name: str, layer: Linear, rows: int, source: str, inpu
     return output_needs_grad
 
 
-def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel: bool) -> None:
+def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel: bool, softmax_fp32: bool) -> None:
     """The attention kernel's saved tensors. SDPA (flash / memory-efficient): q, k, v, the output and the log-sum-exp
     (fp32, B·h·T). Eager: q and the keys and values repeated to every head, and the B·h·T·T_k probabilities (fp32,
     plus their bf16 copy under autocast)."""
@@ -280,9 +280,12 @@ def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel:
         return
     tally.add("attention q, k, v", rows * q + key_rows * 2 * q, p.compute)
     probabilities = dims.batch * dims.heads * dims.tokens * dims.keys
-    tally.add("attention probabilities (fp32 softmax)", probabilities, 4)
-    if p.compute == 2:  # cast back to bf16 for the product with V
-        tally.add("attention probabilities (bf16 copy)", probabilities, 2)
+    if softmax_fp32 or p.autocast:  # Llama upcasts the softmax; autocast runs every softmax in fp32
+        tally.add("attention probabilities (fp32 softmax)", probabilities, 4)
+        if p.compute == 2:  # cast back to bf16 for the product with V
+            tally.add("attention probabilities (bf16 copy)", probabilities, 2)
+    else:
+        tally.add("attention probabilities", probabilities, p.compute)
 
 
 def _llama_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream_needs_grad: bool, attn: str,
@@ -304,7 +307,7 @@ def _llama_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, strea
     q_grad, k_grad, v_grad = (_linear(tally, key, layers[key], rows, "norm 1", x_grad, p, p.stream) for key in "qkv")
     attention_grad = q_grad or k_grad or v_grad or dims.keys > dims.tokens  # a trained prefix enters here
     if attention_grad:
-        _attention(tally, dims, attn, p, gqa_in_kernel)
+        _attention(tally, dims, attn, p, gqa_in_kernel, softmax_fp32=True)
     o_grad = _linear(tally, "o", layers["o"], rows, "attention", attention_grad, p, p.compute)
     residual_grad = stream_needs_grad or o_grad
     x_grad = rms_norm("norm 2", residual_grad)
@@ -319,11 +322,76 @@ def _llama_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, strea
     return tally
 
 
+def _layer_norm(tally: Tally, rows: int, d: int, input_needs_grad: bool, weights_train: bool, p: Precision) -> bool:
+    """LayerNorm (GPT-2, BERT) saves its input and the per-token mean and 1/σ (fp32) whenever anything in it needs a
+    gradient; under autocast it runs in fp32."""
+    if input_needs_grad or weights_train:
+        tally.add("LayerNorm inputs", rows * d, 4 if p.autocast else p.stream)
+        tally.add("LayerNorm mean and 1/σ", rows * 2, 4)
+    return input_needs_grad or weights_train
+
+
+def _gpt2_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream_needs_grad: bool, attn: str,
+                p: Precision) -> Tally:  # fmt: skip
+    """Saved tensors of one GPT-2 block (LayerNorm → fused q,k,v → attention → residual → LayerNorm → GELU MLP)."""
+    tally = Tally()
+    rows, d, f = dims.batch * dims.tokens, dims.hidden, dims.ffn
+    x_grad = _layer_norm(tally, rows, d, stream_needs_grad, norms_train, p)
+    qkv_grad = _linear(tally, "c_attn", layers["c_attn"], rows, "ln_1", x_grad, p, p.stream)
+    if qkv_grad:  # q, k and v are views of one c_attn output: the kernel saves that storage once
+        dims_mha = Dims(**{**dims.__dict__, "kv_heads": dims.heads})
+        _attention(tally, dims_mha, attn, p, gqa_in_kernel=True, softmax_fp32=False)
+    o_grad = _linear(tally, "attn.c_proj", layers["attn.c_proj"], rows, "attention", qkv_grad, p, p.compute)
+    x_grad = _layer_norm(tally, rows, d, stream_needs_grad or o_grad, norms_train, p)
+    fc_grad = _linear(tally, "c_fc", layers["c_fc"], rows, "ln_2", x_grad, p, p.stream)
+    if fc_grad:  # GELU(tanh) = 0.5·x·(1 + tanh(√(2/π)(x + 0.044715x³))): x, 0.5x, tanh and 1 + tanh are saved
+        tally.add("GELU intermediates", rows * f * 4, p.compute)
+    _linear(tally, "mlp.c_proj", layers["mlp.c_proj"], rows, "GELU", fc_grad, p, p.compute)
+    return tally
+
+
+def _bert_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream_needs_grad: bool, attn: str,
+                p: Precision, dropout: bool) -> Tally:  # fmt: skip
+    """Saved tensors of one BERT block (q, k, v → attention → dense → LayerNorm(+x) → GELU FFN → LayerNorm(+x)).
+    Dropout in training saves a one-byte mask per element after each dense layer."""
+    tally = Tally()
+    rows, d, f = dims.batch * dims.tokens, dims.hidden, dims.ffn
+    q_grad, k_grad, v_grad = (
+        _linear(tally, key, layers[key], rows, "block input", stream_needs_grad, p, p.stream) for key in "qkv"
+    )
+    attention_grad = q_grad or k_grad or v_grad or dims.keys > dims.tokens
+    if attention_grad:
+        dims_mha = Dims(**{**dims.__dict__, "kv_heads": dims.heads})
+        _attention(tally, dims_mha, attn, p, gqa_in_kernel=True, softmax_fp32=False)
+    o_grad = _linear(tally, "attention.output", layers["attention.output"], rows, "attention", attention_grad, p,
+                     p.compute)  # fmt: skip
+    if dropout and o_grad:
+        tally.add("dropout masks", rows * d, 1)
+    x_grad = _layer_norm(tally, rows, d, stream_needs_grad or o_grad, norms_train, p)
+    up_grad = _linear(tally, "intermediate", layers["intermediate"], rows, "LayerNorm 1", x_grad, p, p.stream)
+    if up_grad:
+        tally.add("GELU inputs", rows * f, p.compute)
+    down_grad = _linear(tally, "output", layers["output"], rows, "GELU", up_grad, p, p.compute)
+    if dropout and down_grad:
+        tally.add("dropout masks", rows * d, 1)
+    _layer_norm(tally, rows, d, x_grad or down_grad, norms_train, p)
+    return tally
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Reading a model after a method was applied
 # ----------------------------------------------------------------------------------------------------------------
-LLAMA_LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-                 "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+#: Per family: the name of the block list, the projections of a block, and one norm whose weight says if norms train.
+LAYOUTS = {
+    "llama": ("layers", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
+                               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
+                               "down": "mlp.down_proj"}, "input_layernorm"),
+    "gpt2": ("h", {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc",
+                               "mlp.c_proj": "mlp.c_proj"}, "ln_1"),
+    "bert": ("encoder.layer", {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+                               "attention.output": "attention.output.dense", "intermediate": "intermediate.dense",
+                               "output": "output.dense"}, "attention.output.LayerNorm"),
+}  # fmt: skip
 
 
 def _describe_linear(module: nn.Module) -> Linear:
@@ -343,10 +411,19 @@ def _describe_linear(module: nn.Module) -> Linear:
         else:
             break
     weight = module.weight
-    description.in_features, description.out_features = weight.shape[1], weight.shape[0]
+    is_conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores its weight as [in, out]
+    description.in_features, description.out_features = weight.shape if is_conv1d else weight.shape[::-1]
     description.weight_trains = weight.requires_grad
     description.bias_trains = module.bias is not None and module.bias.requires_grad
     return description
+
+
+def _blocks(model: nn.Module, suffix: str) -> nn.ModuleList:
+    """The list of transformer blocks: the ``ModuleList`` named ``suffix`` (``layers``, ``h``, ``encoder.layer``)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith(f".{suffix}")):
+            return module
+    raise ValueError(f"No list of transformer blocks '...{suffix}' in {type(model).__name__}.")
 
 
 def _base_of(model: nn.Module) -> tuple[nn.Module, int, int]:
@@ -359,37 +436,58 @@ def _base_of(model: nn.Module) -> tuple[nn.Module, int, int]:
     return model, 0, 0
 
 
-def _blocks_of(base: nn.Module) -> nn.ModuleList:
-    return base.model.layers
+def _dims(config: PretrainedConfig, batch_size: int, tokens: int, keys: int) -> Dims:
+    hidden = config.hidden_size
+    heads = config.num_attention_heads
+    return Dims(
+        batch=batch_size, tokens=tokens, keys=keys, hidden=hidden,
+        ffn=getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden,
+        heads=heads, kv_heads=getattr(config, "num_key_value_heads", None) or heads,
+        head_dim=getattr(config, "head_dim", None) or hidden // heads, vocab=config.vocab_size,
+    )  # fmt: skip
 
 
 def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, precision: str, attn: str,
                                grad_checkpointing: bool) -> tuple[list[int], Dims]:  # fmt: skip
-    """Saved-for-backward bytes of each block, and of the logits and loss (see :func:`estimate`)."""
+    """Saved-for-backward bytes of each block (see :func:`estimate`), and the dimensions they were computed for."""
     base, extra_queries, extra_keys = _base_of(model)
-    config = base.config
-    layout = models.family(config, needed_by="The memory estimator")
-    if layout != "llama":
-        raise NotImplementedError(f"The activation model covers Llama-style decoders so far, not {layout}.")
+    layout = models.family(base.config, needed_by="The memory estimator")
+    blocks_path, projections, norm_path = LAYOUTS[layout]
     p = Precision.of(precision)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    dims = Dims(batch=batch_size, tokens=seq_len + extra_queries, keys=seq_len + extra_queries + extra_keys,
-                hidden=config.hidden_size, ffn=config.intermediate_size, heads=config.num_attention_heads,
-                kv_heads=config.num_key_value_heads, head_dim=head_dim, vocab=config.vocab_size)  # fmt: skip
+    dims = _dims(base.config, batch_size, seq_len + extra_queries, seq_len + extra_queries + extra_keys)
     rows = dims.batch * dims.tokens
-    stream_grad = extra_queries > 0  # a soft prompt makes the input embeddings trainable
+    dropout = layout == "bert" and base.config.hidden_dropout_prob > 0
+    embeddings_train = any(param.requires_grad for name, param in base.named_parameters() if "embed" in name)
+    stream_grad = extra_queries > 0 or embeddings_train  # a soft prompt or trained embeddings feed the first block
     per_layer = []
-    for block in _blocks_of(base):
-        layers = {key: _describe_linear(block.get_submodule(path)) for key, path in LLAMA_LINEARS.items()}
-        norms_train = block.input_layernorm.weight.requires_grad
-        block_trains = any(p.requires_grad for p in block.parameters()) or extra_keys > 0
+    for block in _blocks(base, blocks_path):
+        layers = {key: _describe_linear(block.get_submodule(path)) for key, path in projections.items()}
+        norms_train = any(param.requires_grad for param in block.get_submodule(norm_path).parameters())
+        block_trains = any(param.requires_grad for param in block.parameters()) or extra_keys > 0
         if grad_checkpointing:
             per_layer.append(rows * dims.hidden * p.stream if (stream_grad or block_trains) else 0)
-        else:
+        elif layout == "llama":
             gqa = attn == "sdpa" and dims.keys == dims.tokens  # a prefix needs a mask: the kernel repeats k and v
             per_layer.append(_llama_block(dims, layers, norms_train, stream_grad, attn, p, gqa).total)
+        elif layout == "gpt2":
+            per_layer.append(_gpt2_block(dims, layers, norms_train, stream_grad, attn, p).total)
+        else:
+            per_layer.append(_bert_block(dims, layers, norms_train, stream_grad, attn, p, dropout).total)
         stream_grad = stream_grad or block_trains
     return per_layer, dims
+
+
+def _encoder_ends_saved_bytes(base: nn.Module, dims: Dims, p: Precision) -> int:
+    """BERT's embedding LayerNorm keeps its input when it trains (BitFit, full); its pooler keeps the last hidden
+    state ([CLS] is a view of it) when the pooler trains."""
+    rows, saved = dims.batch * dims.tokens, 0
+    embedding_norm = [param for name, param in base.named_parameters() if "embeddings.LayerNorm" in name]
+    if any(param.requires_grad for param in embedding_norm):
+        saved += rows * dims.hidden * (4 if p.autocast else p.stream) + rows * 8
+    pooler = [param for name, param in base.named_parameters() if "pooler.dense.weight" in name]
+    if any(param.requires_grad for param in pooler):
+        saved += rows * dims.hidden * (p.compute if p.autocast else p.stream)
+    return saved
 
 
 def logits_bytes(model: nn.Module, dims: Dims, precision: str, stream_grad: bool) -> dict[str, int]:
@@ -403,10 +501,12 @@ def logits_bytes(model: nn.Module, dims: Dims, precision: str, stream_grad: bool
     base, _, _ = _base_of(model)
     rows, logits = dims.batch * dims.tokens, dims.batch * dims.tokens * dims.vocab
     p = Precision.of(precision)
+    if base.get_output_embeddings() is None:  # an encoder: tiny logits, but the embedding LayerNorm and the pooler
+        return {"saved": _encoder_ends_saved_bytes(base, dims, p), "transient": 0}
     head = base.get_output_embeddings().weight
     saved = 0
-    if stream_grad:
-        saved += rows * dims.hidden * 4 + rows * 4
+    if stream_grad:  # the final norm: RMSNorm keeps its fp32 input and 1/rms, LayerNorm its input, mean and 1/σ
+        saved += rows * dims.hidden * 4 + rows * (4 if models.family(base.config) == "llama" else 8)
     if head.requires_grad:
         saved += rows * dims.hidden * (p.compute if p.autocast else p.stream)
     if p.autocast and (stream_grad or head.requires_grad):
@@ -441,7 +541,9 @@ def encoder_width(encoder: nn.Module) -> int:
 
 def _with_method(model_or_config, method: str, method_config) -> nn.Module:
     if isinstance(model_or_config, str | PretrainedConfig):
-        model = models.meta_model(model_or_config)
+        config = models.architecture_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
+        task = "classification" if config.model_type == "bert" else "causal_lm"  # encoders train a task head
+        model = models.meta_model(config, task=task)
     else:
         model = copy.deepcopy(model_or_config).to("meta")
     return apply_method(model, method, method_config)

@@ -1,0 +1,177 @@
+"""QLoRA: LoRA on a frozen 4-bit base (Dettmers et al., 2023, "QLoRA: Efficient Finetuning of Quantized LLMs",
+arXiv:2305.14314).
+
+Every linear layer that LoRA targets keeps its weight W only in NF4 (:mod:`peftlab.quant`, about 0.516 bytes per
+parameter with double quantisation instead of 2 in bf16 or 4 in fp32). The forward pass dequantises it on the fly,
+in the compute dtype, and adds the LoRA update, which stays in full precision:
+
+    h = dequant(W_NF4) x + γ · B A x,        γ = α / r
+
+Gradients flow through dequant(W_NF4) to the input x (so that the layers below get theirs) but W_NF4 never changes:
+only A and B train. QLoRA adapts every linear layer of the blocks (``target_modules="all-linear"``), which recovers
+the quality of 16-bit full fine-tuning; the embeddings and the LM head stay as they are (not quantised, frozen).
+
+A trained adapter is an ordinary LoRA adapter (:func:`peftlab.methods.lora.save`). It is not merged into the 4-bit
+weight (W + ΔW is not an NF4 tensor): load it into the full-precision model and merge there.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from peftlab.methods import lora
+from peftlab.methods.lora import LoRAConfig, LoRALinear
+from peftlab.quant import NF4Tensor, dequantize_nf4, quantize_nf4
+
+#: QLoRA's LoRA: every linear layer of the blocks (as in Dettmers et al., 2023), with LoRAConfig's r = 8, α = 16.
+DEFAULT_LORA = LoRAConfig(target_modules=lora.ALL_LINEAR)
+
+
+@dataclass(frozen=True)
+class QLoRAConfig:
+    """LoRA's settings (``lora``) plus how the targeted layers are quantised: NF4 in blocks of ``block_size`` values,
+    double quantisation of the block constants, and the dtype the forward pass computes in (bf16 in the paper on a
+    GPU; fp32 here by default, as on a CPU)."""
+
+    lora: LoRAConfig = DEFAULT_LORA
+    block_size: int = 64
+    double_quant: bool = True
+    compute_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if not isinstance(self.lora, LoRAConfig):
+            raise TypeError(f"QLoRAConfig.lora takes a LoRAConfig, got {type(self.lora).__name__}.")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
+            raise ValueError(f"block_size must be a whole number of at least 2, e.g. 64; got {self.block_size!r}.")
+        if self.block_size % 2:
+            raise ValueError(f"block_size must be even (two 4-bit codes share a byte), e.g. 64; got {self.block_size}.")
+        if not isinstance(self.compute_dtype, torch.dtype) or not self.compute_dtype.is_floating_point:
+            raise ValueError(
+                f"compute_dtype must be a floating dtype, e.g. torch.float32 or torch.bfloat16; "
+                f"got {self.compute_dtype!r}."
+            )
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer whose weight is stored in NF4: ``F.linear(x, dequantize_nf4(weight), bias)``.
+
+    The NF4 tensors are buffers (they move with ``.to(device)`` and are in the state dict, and they have no
+    gradient); the full-precision weight is not kept. The bias, if any, is a frozen parameter in the compute dtype.
+    """
+
+    def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.shape, self.dtype, self.block_size = weight.shape, weight.dtype, weight.block_size
+        self.compute_dtype = compute_dtype
+        self.register_buffer("packed", weight.packed)
+        self.register_buffer("absmax", weight.absmax)
+        self.register_buffer("absmax_scales", weight.absmax_scales)  # None without double quantisation
+        self.register_buffer("absmax_mean", weight.absmax_mean)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+
+    @classmethod
+    def from_linear(
+        cls, layer: nn.Module, block_size: int = 64, double_quant: bool = True, compute_dtype=torch.float32
+    ) -> Linear4bit:
+        """Quantise an ``nn.Linear`` (or a GPT-2 ``Conv1D``, whose [in, out] weight is transposed to [out, in])."""
+        weight = layer.weight.T if isinstance(layer, Conv1D) else layer.weight
+        return cls(quantize_nf4(weight.detach(), block_size, double_quant), layer.bias, compute_dtype)
+
+    @property
+    def weight(self) -> NF4Tensor:
+        """The NF4 weight, rebuilt from the buffers (no copy)."""
+        return NF4Tensor(self.packed, self.absmax, self.shape, self.dtype, self.block_size,
+                         self.absmax_scales, self.absmax_mean)  # fmt: skip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = dequantize_nf4(self.weight).to(self.compute_dtype)
+        return F.linear(x.to(self.compute_dtype), weight, self.bias).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        double = ", double_quant" if self.absmax_scales is not None else ""
+        sizes = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{sizes}, NF4 block_size={self.block_size}{double}"
+
+
+class QLoRALinear(LoRALinear):
+    """:class:`~peftlab.methods.lora.LoRALinear` around a :class:`Linear4bit`: ``base(x) + B(A(dropout(x))) · γ``.
+
+    A and B are made as LoRA makes them, from the full-precision layer (its shape, device and dtype, and the same
+    random A for the same seed); then the base is replaced by its 4-bit copy and the full-precision weight dropped.
+    ``fan_in_fan_out`` still tells the layout of the original layer (True for GPT-2's Conv1D), as a saved adapter
+    needs; the 4-bit weight itself is always [out, in].
+    """
+
+    def __init__(self, layer: nn.Module, config: QLoRAConfig, name: str = "layer"):
+        c = config.lora
+        super().__init__(layer, c.r, c.alpha, c.dropout, c.use_rslora, c.init, name=name)
+        self.base_layer = Linear4bit.from_linear(layer, config.block_size, config.double_quant, config.compute_dtype)
+
+    def merge(self) -> None:
+        raise RuntimeError(
+            "QLoRA's base weight is stored in 4 bits, and W + ΔW is not an NF4 tensor: merging here would quantise "
+            "ΔW away. Save the adapter (lora.save), load it into the full-precision model (lora.load), merge there."
+        )
+
+    def unmerge(self) -> None:
+        raise RuntimeError("QLoRA layers are never merged: there is nothing to unmerge.")
+
+
+def apply(model: nn.Module, config: QLoRAConfig) -> nn.Module:
+    """Freeze every parameter and replace each LoRA target (``config.lora.target_modules``) by a
+    :class:`QLoRALinear`: its weight in NF4, A and B trainable (B only with ``freeze_A``). The ``modules_to_save``
+    train in full. Every check runs before the model changes. ``model.lora_config`` is set, so that
+    :func:`peftlab.methods.lora.save` writes the adapter in peft's format.
+    """
+    if not isinstance(config, QLoRAConfig):
+        raise TypeError(f"qlora.apply takes a QLoRAConfig, got {type(config).__name__}.")
+    targets = lora._targets(model, config.lora)  # LoRA's checks: names, ranks, linear layers, not applied twice
+    heads = lora._modules_to_save(model, config.lora)
+    _check_targets(targets, config.block_size)
+    model.requires_grad_(False)
+    for name, layer in targets.items():
+        wrapped = QLoRALinear(layer, config, name=name)
+        wrapped.lora_A.requires_grad_(not config.lora.freeze_A)
+        model.set_submodule(name, wrapped)
+    for head in heads.values():
+        head.requires_grad_(True)
+    model.lora_config = config.lora
+    return model
+
+
+def _check_targets(targets: dict[str, nn.Module], block_size: int) -> None:
+    """Each target's weight must be real (not on the meta device) and split into whole blocks."""
+    for name, layer in targets.items():
+        if layer.weight.is_meta:
+            raise ValueError(
+                f"{name} is on the meta device: QLoRA quantises real weights. Load the model's weights first "
+                "(count parameters with lora.apply, which works on the meta device)."
+            )
+    for name, layer in targets.items():
+        numel, shape = layer.weight.numel(), " × ".join(map(str, layer.weight.shape))
+        if numel % block_size:
+            common = math.gcd(*(t.weight.numel() for t in targets.values()))
+            fits = min(common & -common, 64)  # the largest power of two ≤ 64 that divides every target
+            raise ValueError(
+                f"block_size={block_size} does not divide the weight of {name} ({shape} = {numel} values). "
+                f"Choose a block_size that divides every target's weight ({fits} does here), "
+                "or leave this layer out of target_modules."
+            )
+
+
+def quantized_layers(model: nn.Module) -> dict[str, Linear4bit]:
+    """The model's 4-bit layers by module name."""
+    return {name: module for name, module in model.named_modules() if isinstance(module, Linear4bit)}
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """The real bytes of the 4-bit weights: packed codes, block constants and, with double quantisation, their
+    scales and means (biases left out). Compare with 4 bytes per parameter in fp32, 2 in bf16."""
+    return sum(layer.weight.nbytes for layer in quantized_layers(model).values())
