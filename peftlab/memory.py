@@ -540,12 +540,14 @@ def encoder_width(encoder: nn.Module) -> int:
 
 
 def _with_method(model_or_config, method: str, method_config) -> nn.Module:
+    """The architecture on the meta device with the method applied (a given model is copied, not changed)."""
     if isinstance(model_or_config, str | PretrainedConfig):
         config = models.architecture_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
         task = "classification" if config.model_type == "bert" else "causal_lm"  # encoders train a task head
         model = models.meta_model(config, task=task)
     else:
         model = copy.deepcopy(model_or_config).to("meta")
+        model.tie_weights()  # moving a module moves each tied tensor apart: tie them again
     return apply_method(model, method, method_config)
 
 
@@ -559,13 +561,15 @@ def estimate(
     optimizer: str = "adamw",
     grad_checkpointing: bool = False,
     attn_implementation: str = "sdpa",
+    applied: bool = False,
 ) -> MemoryEstimate:
     """Estimate the GPU memory of one training step (see the module docstring for the terms).
 
     ``model_or_config`` is an architecture name (``"llama-3-8b"``), a transformers config, or a model; the method
     is applied for real on the meta device, so the trainable count is exact. ``precision``: ``fp32``;
     ``bf16-mixed`` (fp32 weights, bf16 autocast); ``bf16`` (pure bf16); ``int8``, ``nf4``, ``nf4-dq`` (a quantised
-    frozen base, bf16 compute, as in QLoRA).
+    frozen base, bf16 compute, as in QLoRA). ``applied=True`` takes a model that already has the method applied
+    (the one you are about to train) as it is.
     """
     _check_choice("method", method, METHOD_NAMES)
     _check_choice("precision", precision, PRECISIONS)
@@ -578,7 +582,7 @@ def estimate(
                                                                   "ptuning", "prefix"):  # fmt: skip
         raise ValueError(f"A quantised base ({precision}) cannot be trained by {method!r}: use a method that keeps "
                          "the base frozen (lora, qlora, ia3, adapter, prompt, ptuning, prefix).")  # fmt: skip
-    model = _with_method(model_or_config, method, method_config)
+    model = model_or_config if applied else _with_method(model_or_config, method, method_config)
     counts = count_parameters(model)
     compute_precision = "bf16" if precision in ("int8", "nf4", "nf4-dq") else precision
     per_layer, dims = activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
