@@ -152,10 +152,10 @@ def optimizer_state_bytes(trainable: int, optimizer: str, precision: str) -> int
 
 
 def optimizer_workspace_bytes(trainable: int, optimizer: str, precision: str) -> int:
-    """Temporaries of the step. torch's multi-tensor AdamW computes ``sqrt(v)`` and the update as new tensor lists
-    (about two copies of the trainable parameters); SGD with momentum, AdaGrad and RMSprop one; plain SGD none;
-    8-bit Adam works in blocks (no full copy)."""
-    copies = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adamw-8bit": 0, "adagrad": 1, "rmsprop": 1}[optimizer]
+    """Temporaries of the step. torch's multi-tensor (foreach) AdamW, AdaGrad and RMSprop compute a square root of
+    their second-moment state as a new list of tensors (one copy of the trainable parameters); SGD, with or without
+    momentum, updates in place; 8-bit Adam works in blocks (no full copy)."""
+    copies = {"sgd": 0, "sgd-momentum": 0, "adamw": 1, "adamw-8bit": 0, "adagrad": 1, "rmsprop": 1}[optimizer]
     return copies * _parameter_bytes(precision) * trainable
 
 
@@ -706,3 +706,21 @@ def measure(model: nn.Module, batch: dict[str, torch.Tensor], optimizer: str = "
         free, total = torch.cuda.mem_get_info(device)
         result.cuda_context = max(0, total - free - result.reserved)
     return result
+
+
+def zero_per_gpu(estimate: MemoryEstimate, num_gpus: int, stage: int) -> dict[str, int]:
+    """Bytes per GPU under ZeRO data parallelism (Rajbhandari et al., 2020, "ZeRO: Memory Optimizations Toward
+    Training Trillion Parameter Models"): stage 1 splits the optimizer states over the N GPUs, stage 2 also the
+    gradients, stage 3 also the weights. Activations are not split: each GPU keeps those of its own micro-batch.
+    Returns each term and the peak (the same two phases as :func:`estimate`)."""
+    if num_gpus < 1:
+        raise ValueError(f"num_gpus must be at least 1, got {num_gpus}.")
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"ZeRO stage must be 0, 1, 2 or 3, got {stage}.")
+    split = {"optimizer_states": stage >= 1, "optimizer_workspace": stage >= 1, "gradients": stage >= 2,
+             "weights": stage >= 3}  # fmt: skip
+    terms = {
+        term: math.ceil(value / num_gpus) if split.get(term) else value for term, value in estimate.breakdown.items()
+    }
+    phases = [sum(terms[term] for term in phase) for phase in estimate.phases.values()]
+    return {**terms, "peak": max(phases)}
