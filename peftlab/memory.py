@@ -119,7 +119,8 @@ def _is_quantisable(name: str, module: nn.Module) -> bool:
 
 
 def weight_bytes(model: nn.Module, precision: str) -> int:
-    """Bytes of every parameter in its storage precision (see the module docstring)."""
+    """Bytes of every parameter in its storage precision (see the module docstring). With a quantised base the
+    frozen linear layers of the blocks are quantised; everything else is bf16."""
     dense = {"fp32": 4, "bf16-mixed": 4, "bf16": 2, "int8": 2, "nf4": 2, "nf4-dq": 2}[precision]
     quantised = set()
     if precision in ("int8", "nf4", "nf4-dq"):
@@ -133,14 +134,15 @@ def weight_bytes(model: nn.Module, precision: str) -> int:
             if precision == "int8":
                 total += 4 * param.shape[0]  # one fp32 scale per output row
         else:
-            trainable_in_fp32 = param.requires_grad and precision != "bf16"
-            total += param.numel() * (4 if trainable_in_fp32 else dense)
+            master_in_fp32 = param.requires_grad and precision in ("fp32", "bf16-mixed")
+            total += param.numel() * (4 if master_in_fp32 else dense)
     return math.ceil(total)
 
 
 def _parameter_bytes(precision: str) -> int:
-    """Bytes of a trainable parameter: fp32 master weights everywhere except pure bf16."""
-    return 2 if precision == "bf16" else 4
+    """Bytes of a trainable parameter: fp32 master weights in fp32 and bf16-mixed; bf16 in pure bf16 and on a
+    quantised base (QLoRA trains its adapters in the bf16 compute dtype)."""
+    return 4 if precision in ("fp32", "bf16-mixed") else 2
 
 
 def optimizer_state_bytes(trainable: int, optimizer: str, precision: str) -> int:

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from peftlab import models, train
+from peftlab import memory, models, train
 from peftlab.methods import lora, qlora
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.qlora import QLoRAConfig
@@ -37,9 +37,8 @@ def randomise_lora(model, seed=1):
             param.copy_(0.1 * torch.randn(param.shape, generator=generator))
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_logits_are_those_of_lora_on_the_dequantised_weights(arch):
-    """GPT-2's Conv1D weights ([in, out]) are quantised transposed, as [out, in]."""
+def twins(arch):
+    """A QLoRA model and a LoRA model whose base weights are the QLoRA model's dequantised NF4 weights."""
     quantised = qlora.apply(models.tiny_model(arch), CONFIG)
     randomise_lora(quantised)
     reference = lora.apply(models.tiny_model(arch), CONFIG.lora)
@@ -50,8 +49,29 @@ def test_logits_are_those_of_lora_on_the_dequantised_weights(arch):
             layer.base_layer.weight.copy_(weight.T if layer.fan_in_fan_out else weight)
             layer.lora_A.weight.copy_(twin.lora_A.weight)
             layer.lora_B.weight.copy_(twin.lora_B.weight)
+    return quantised, reference
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_are_those_of_lora_on_the_dequantised_weights(arch):
+    """GPT-2's Conv1D weights ([in, out]) are quantised transposed, as [out, in]."""
+    quantised, reference = twins(arch)
     ids = token_ids(quantised)
     torch.testing.assert_close(logits(quantised, ids), logits(reference, ids), atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_equal_and_no_dequantised_weight_is_saved_for_backward():
+    """The backward pass dequantises again instead of keeping a 16/32-bit copy of every frozen weight."""
+    quantised, reference = twins("llama")
+    ids = token_ids(quantised)
+    for model in (quantised, reference):
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+    for name, layer in lora.lora_layers(reference).items():
+        torch.testing.assert_close(quantised.get_submodule(name).lora_A.weight.grad, layer.lora_A.weight.grad,
+                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+    batch = {"input_ids": ids, "labels": ids}
+    assert memory.saved_tensor_bytes(quantised, batch) <= memory.saved_tensor_bytes(reference, batch)
 
 
 def test_logits_are_close_to_the_full_precision_model():

@@ -21,7 +21,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -58,6 +57,25 @@ class QLoRAConfig:
             )
 
 
+class _MatmulDequantized(torch.autograd.Function):
+    """``x Wᵀ`` with W dequantised from NF4 in the forward pass and again in the backward pass.
+
+    Plain ``F.linear(x, dequantize_nf4(W))`` would save the dequantised W for the backward pass: a full 16-bit copy
+    of every quantised layer alive until backward, which undoes QLoRA's saving. Like bitsandbytes' ``MatMul4Bit``,
+    this keeps only the 4-bit weight and dequantises it a second time when the gradient ∂L/∂x = δ W is needed (W is
+    frozen, so ∂L/∂W is never needed).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
+        ctx.layer = layer
+        return x @ dequantize_nf4(layer.weight).to(x.dtype).T
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        return grad_output @ dequantize_nf4(ctx.layer.weight).to(grad_output.dtype), None
+
+
 class Linear4bit(nn.Module):
     """A frozen linear layer whose weight is stored in NF4: ``F.linear(x, dequantize_nf4(weight), bias)``.
 
@@ -91,8 +109,8 @@ class Linear4bit(nn.Module):
                          self.absmax_scales, self.absmax_mean)  # fmt: skip
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = dequantize_nf4(self.weight).to(self.compute_dtype)
-        return F.linear(x.to(self.compute_dtype), weight, self.bias).to(x.dtype)
+        y = _MatmulDequantized.apply(x.to(self.compute_dtype), self)
+        return (y if self.bias is None else y + self.bias).to(x.dtype)
 
     def extra_repr(self) -> str:
         double = ", double_quant" if self.absmax_scales is not None else ""
