@@ -661,10 +661,14 @@ def make_optimizer(model: nn.Module, optimizer: str, learning_rate: float = 1e-4
 
 
 def enable_checkpointing(model: nn.Module) -> None:
-    """Activation checkpointing of every block (transformers' own switch; its name changed in transformers 5.2x)."""
+    """Activation checkpointing of every block, non-reentrant (it works with frozen embeddings, where the reentrant
+    kind silently computes no gradients). transformers renamed the switch in 5.2x; either name is used."""
     base, _, _ = _base_of(model)
-    enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
-    enable()
+    kwargs = {"use_reentrant": False}
+    if hasattr(base, "activation_checkpointing_enable"):
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 @dataclass
