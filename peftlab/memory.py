@@ -26,6 +26,7 @@ which is the activation term, so that the estimate is checked on a CPU too.
 from __future__ import annotations
 
 import copy
+import gc
 import math
 from dataclasses import dataclass, field
 
@@ -449,8 +450,18 @@ def _dims(config: PretrainedConfig, batch_size: int, tokens: int, keys: int) -> 
     )  # fmt: skip
 
 
+DEVICES = ("cuda", "cpu")
+
+
+def sdpa_falls_back_to_math(dims: Dims, precision: Precision, device: str) -> bool:
+    """On CUDA, SDPA in fp32 with grouped-query attention has no fused kernel (flash needs 16-bit inputs, the
+    memory-efficient kernel has no GQA), so PyTorch runs the math path, which saves what eager attention saves. The
+    CPU's flash kernel takes fp32 and GQA."""
+    return device == "cuda" and precision.compute == 4 and dims.kv_heads < dims.heads
+
+
 def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, precision: str, attn: str,
-                               grad_checkpointing: bool) -> tuple[list[int], Dims]:  # fmt: skip
+                               grad_checkpointing: bool, device: str = "cuda") -> tuple[list[int], Dims]:  # fmt: skip
     """Saved-for-backward bytes of each block (see :func:`estimate`), and the dimensions they were computed for."""
     base, extra_queries, extra_keys = _base_of(model)
     layout = models.family(base.config, needed_by="The memory estimator")
@@ -469,14 +480,32 @@ def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, 
         if grad_checkpointing:
             per_layer.append(rows * dims.hidden * p.stream if (stream_grad or block_trains) else 0)
         elif layout == "llama":
-            gqa = attn == "sdpa" and dims.keys == dims.tokens  # a prefix needs a mask: the kernel repeats k and v
-            per_layer.append(_llama_block(dims, layers, norms_train, stream_grad, attn, p, gqa).total)
+            kernel = "eager" if attn == "sdpa" and sdpa_falls_back_to_math(dims, p, device) else attn
+            gqa = kernel == "sdpa" and dims.keys == dims.tokens  # a prefix needs a mask: the kernel repeats k and v
+            per_layer.append(_llama_block(dims, layers, norms_train, stream_grad, kernel, p, gqa).total)
         elif layout == "gpt2":
             per_layer.append(_gpt2_block(dims, layers, norms_train, stream_grad, attn, p).total)
         else:
             per_layer.append(_bert_block(dims, layers, norms_train, stream_grad, attn, p, dropout).total)
         stream_grad = stream_grad or block_trains
     return per_layer, dims
+
+
+def kv_cache_bytes(model: nn.Module, dims: Dims, precision: str, attn: str, device: str) -> int:
+    """A Llama-style model called with ``use_cache=True`` (the default, also in training) keeps every layer's keys
+    and values in a ``DynamicCache`` until the output is dropped: 2·L·B·T·d_kv numbers in the stream dtype. Where the
+    attention kernel saves those very tensors for backward (SDPA's fused kernels in pure fp32 or bf16), the cache
+    costs nothing more; under autocast, in eager attention and in the math fallback it holds copies of its own.
+    Activation checkpointing turns the cache off."""
+    base, _, _ = _base_of(model)
+    if models.family(base.config) != "llama":
+        return 0
+    p = Precision.of(precision)
+    shares_storage = attn == "sdpa" and not p.autocast and not sdpa_falls_back_to_math(dims, p, device)
+    if shares_storage:
+        return 0
+    layers = base.config.num_hidden_layers
+    return 2 * layers * dims.batch * dims.keys * dims.kv_heads * dims.head_dim * p.stream
 
 
 def _encoder_ends_saved_bytes(base: nn.Module, dims: Dims, p: Precision) -> int:
@@ -564,6 +593,7 @@ def estimate(
     grad_checkpointing: bool = False,
     attn_implementation: str = "sdpa",
     applied: bool = False,
+    device: str = "cuda",
 ) -> MemoryEstimate:
     """Estimate the GPU memory of one training step (see the module docstring for the terms).
 
@@ -571,12 +601,14 @@ def estimate(
     is applied for real on the meta device, so the trainable count is exact. ``precision``: ``fp32``;
     ``bf16-mixed`` (fp32 weights, bf16 autocast); ``bf16`` (pure bf16); ``int8``, ``nf4``, ``nf4-dq`` (a quantised
     frozen base, bf16 compute, as in QLoRA). ``applied=True`` takes a model that already has the method applied
-    (the one you are about to train) as it is.
+    (the one you are about to train) as it is. ``device`` says whose attention kernels are modelled (``cuda``, or
+    ``cpu`` to check the estimate on a CPU).
     """
     _check_choice("method", method, METHOD_NAMES)
     _check_choice("precision", precision, PRECISIONS)
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("attn_implementation", attn_implementation, ATTENTION)
+    _check_choice("device", device, DEVICES)
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -588,7 +620,7 @@ def estimate(
     counts = count_parameters(model)
     compute_precision = "bf16" if precision in ("int8", "nf4", "nf4-dq") else precision
     per_layer, dims = activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
-                                                 grad_checkpointing)  # fmt: skip
+                                                 grad_checkpointing, device)  # fmt: skip
     logits = logits_bytes(model, dims, compute_precision, stream_grad=any(per_layer))
     weights = weight_bytes(model, precision)
     gradients = counts.trainable * _parameter_bytes(precision)
@@ -597,8 +629,10 @@ def estimate(
     activations = sum(per_layer) + encoder_saved_bytes(model, compute_precision)
     if grad_checkpointing:  # backward recomputes one block at a time: its activations live once more
         recompute = activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
-                                               False)[0]  # fmt: skip
+                                               False, device)[0]  # fmt: skip
         activations += max(recompute)
+    else:
+        activations += kv_cache_bytes(model, dims, compute_precision, attn_implementation, device)
     breakdown = {"weights": weights, "gradients": gradients, "optimizer_states": states,
                  "activations": activations, "logits_and_loss": logits["saved"] + logits["transient"],
                  "optimizer_workspace": workspace}  # fmt: skip
@@ -639,6 +673,7 @@ def saved_tensor_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocas
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), context:
         loss = model(**batch).loss
     del loss
+    gc.collect()  # the graph can sit in a reference cycle (transformers' cache): free it before anything else runs
     return sum(storages.values())
 
 
