@@ -1,12 +1,14 @@
 """How right is the memory estimate? Estimate against measured peak on a CUDA GPU, row by row, with two public
 calculators on the same rows.
 
-    python benchmarks/memory_accuracy.py            # every row (an H100: about 3 minutes)
-    python benchmarks/memory_accuracy.py --quick    # four rows, to try the script
+    python benchmarks/memory_accuracy.py              # every row, each in a fresh process (an H100: ~4 minutes)
+    python benchmarks/memory_accuracy.py --quick      # four rows, to try the script
+    python benchmarks/memory_accuracy.py --estimate   # recompute the estimate columns of the results file (CPU)
 
 Models are random-init (memory does not depend on the weights' values): SmolLM2-135M and a Llama-3.2-1B-shaped
-model. Each row trains 3 optimizer steps on one random batch and records ``torch.cuda.max_memory_allocated``
-(``peftlab.memory.measure``); the CUDA context is recorded beside it.
+model. Each row runs in its own process (nothing of the previous row stays allocated) and trains 3 optimizer steps
+on one random batch; ``torch.cuda.max_memory_allocated`` is read in each phase of each step (forward, backward,
+optimizer step) and the peak is the largest. The CUDA context is recorded beside it.
 
 The anchors, re-implemented from their public sources:
 
@@ -24,11 +26,12 @@ settings, ``estimate_bytes``, ``measured_bytes``, the anchors' figures and each 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
+import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import date
 from pathlib import Path
 
@@ -127,40 +130,61 @@ def gpu_poor_formula(settings: dict) -> int | None:
 
 
 # -- running ----------------------------------------------------------------------------------------------------------
-def run(settings: dict) -> dict:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    model = build(settings)
-    vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (settings["batch_size"], settings["seq_len"]), device="cuda")
-    started = time.perf_counter()
-    measured = memory.measure(model, {"input_ids": ids, "labels": ids}, optimizer=settings["optimizer"], steps=3,
-                              autocast=settings["precision"] == "bf16-mixed")  # fmt: skip
-    seconds = time.perf_counter() - started
-    estimate_settings = {k: v for k, v in settings.items() if k != "architecture"}
-    estimate = memory.estimate(settings["architecture"], **estimate_settings)
-    anchors = {"accelerate_bytes": accelerate_rule(estimate.total_parameters, settings["precision"]),
+def measure_phases(model: torch.nn.Module, batch: dict, settings: dict, steps: int = 3) -> dict:
+    """Peak allocated bytes of the forward pass, the backward pass and the optimizer step, over ``steps`` steps
+    (the optimizer states exist from the first step on, so the later steps show the steady state)."""
+    optimizer = memory.make_optimizer(model, settings["optimizer"])
+    autocast = settings["precision"] == "bf16-mixed"
+    peaks = {"forward": 0, "backward": 0, "step": 0}
+    for _ in range(steps):
+        torch.cuda.reset_peak_memory_stats()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(**batch).loss
+        peaks["forward"] = max(peaks["forward"], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        loss.backward()
+        del loss
+        peaks["backward"] = max(peaks["backward"], torch.cuda.max_memory_allocated())
+        torch.cuda.reset_peak_memory_stats()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        peaks["step"] = max(peaks["step"], torch.cuda.max_memory_allocated())
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return {"peaks": peaks, "reserved": torch.cuda.memory_reserved(),
+            "cuda_context": max(0, total - free - torch.cuda.memory_reserved())}  # fmt: skip
+
+
+def estimate_columns(settings: dict, measured: int) -> dict:
+    """The estimate and the anchors for a row, and each one's error against the measured peak."""
+    estimate = memory.estimate(settings["architecture"], **{k: v for k, v in settings.items() if k in ESTIMATED})
+    columns = {"estimate_bytes": estimate.peak, "estimate_breakdown": estimate.breakdown,
+               "estimate_peak_phase": estimate.peak_phase, "saved_bytes_estimate": estimate.saved_bytes,
+               "accelerate_bytes": accelerate_rule(estimate.total_parameters, settings["precision"]),
                "gpu_poor_bytes": gpu_poor_formula(settings)}  # fmt: skip
-    result = {
-        **settings,
-        "estimate_bytes": estimate.peak,
-        "measured_bytes": measured.peak_allocated,
-        "reserved_bytes": measured.reserved,
-        "cuda_context_bytes": measured.cuda_context,
-        "saved_bytes_measured": measured.saved_bytes,
-        "saved_bytes_estimate": estimate.saved_bytes,
-        "estimate_breakdown": estimate.breakdown,
-        "peak_phase": estimate.peak_phase,
-        **anchors,
-        "seconds": round(seconds, 2),
-    }
-    peak = measured.peak_allocated
     for name in ("estimate", "accelerate", "gpu_poor"):
-        figure = result[f"{name}_bytes"]
-        result[f"{name}_error"] = None if figure is None else (figure - peak) / peak
-    del model, ids
-    return result
+        figure = columns[f"{name}_bytes"]
+        columns[f"{name}_error"] = None if figure is None else (figure - measured) / measured
+    return columns
+
+
+ESTIMATED = ("method", "batch_size", "seq_len", "precision", "optimizer", "grad_checkpointing", "attn_implementation")
+
+
+def run_row(settings: dict) -> dict:
+    """Build, measure and estimate one row (call it in a fresh process)."""
+    model = build(settings)
+    ids = torch.randint(0, model.config.vocab_size, (settings["batch_size"], settings["seq_len"]), device="cuda")
+    batch = {"input_ids": ids, "labels": ids}
+    started = time.perf_counter()
+    measured = measure_phases(model, batch, settings)
+    seconds = time.perf_counter() - started
+    saved = memory.saved_tensor_bytes(model, batch, autocast=settings["precision"] == "bf16-mixed")
+    peak = max(measured["peaks"].values())
+    measurement = {"measured_bytes": peak, "measured_phases": measured["peaks"], "reserved_bytes": measured["reserved"],
+                   "cuda_context_bytes": measured["cuda_context"], "saved_bytes_measured": saved,
+                   "seconds": round(seconds, 2)}  # fmt: skip
+    return {**settings, **measurement, **estimate_columns(settings, peak)}
 
 
 def summarise(rows: list[dict]) -> dict:
@@ -171,28 +195,58 @@ def summarise(rows: list[dict]) -> dict:
             "better_than_both_anchors": sum(better)}  # fmt: skip
 
 
+def report(result: dict) -> None:
+    gpu_poor = "n/a" if result["gpu_poor_error"] is None else format(result["gpu_poor_error"], "+.0%")
+    print(f"{result['architecture']:>13} {result['method']:>8} b{result['batch_size']:<2} T{result['seq_len']:<5} "
+          f"{result['precision']:>10} {result['attn_implementation']:>5} ckpt={int(result['grad_checkpointing'])} "
+          f"{result['optimizer']:>12}: measured {result['measured_bytes'] / MiB:7.0f} MiB "
+          f"(fwd/bwd/step {'/'.join(f'{v / MiB:.0f}' for v in result['measured_phases'].values())}), estimate "
+          f"{result['estimate_error']:+.1%}, accelerate {result['accelerate_error']:+.0%}, gpu_poor {gpu_poor}",
+          flush=True)  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="four rows only")
+    parser.add_argument("--estimate", action="store_true", help="recompute the estimates of an existing results file")
+    parser.add_argument("--workers", type=int, default=2, help="rows measured at once, each in its own process")
+    parser.add_argument("--row", type=int, help=argparse.SUPPRESS)  # one row, in a child process
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.estimate:
+        record = json.loads(args.out.read_text())
+        record["rows"] = [{**r, **estimate_columns({k: r[k] for k in ("architecture", *ESTIMATED)},
+                                                   r["measured_bytes"])} for r in record["rows"]]  # fmt: skip
+        record["summary"] = summarise(record["rows"])
+        args.out.write_text(json.dumps(record, indent=1))
+        print(json.dumps(record["summary"], indent=1))
+        return
     if not torch.cuda.is_available():
         sys.exit("This benchmark measures GPU memory: run it on a CUDA machine.")
+    if args.row is not None:
+        print(json.dumps(run_row(ROWS[args.row])))
+        return
+
+    def child(settings: dict) -> dict | None:
+        """One row in its own process: peaks are per process, so two children share a GPU without mixing."""
+        done = subprocess.run([sys.executable, __file__, "--row", str(ROWS.index(settings))], capture_output=True,
+                              text=True)  # fmt: skip
+        if done.returncode != 0:
+            print(f"row {settings} failed:\n{done.stderr[-2000:]}", flush=True)
+            return None
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
     rows = []
-    for settings in QUICK if args.quick else ROWS:
-        result = run(settings)
-        rows.append(result)
-        print(f"{settings['architecture']:>13} {settings['method']:>8} b{settings['batch_size']:<2} "
-              f"T{settings['seq_len']:<5} {settings['precision']:>10} {settings['attn_implementation']:>5} "
-              f"ckpt={int(settings['grad_checkpointing'])} {settings['optimizer']:>12}: measured "
-              f"{result['measured_bytes'] / MiB:8.0f} MiB, estimate {result['estimate_error']:+.1%}, accelerate "
-              f"{result['accelerate_error']:+.0%}, gpu_poor "
-              f"{'n/a' if result['gpu_poor_error'] is None else format(result['gpu_poor_error'], '+.0%')}",
-              flush=True)  # fmt: skip
-    record = {"device": env.device_name(torch.device("cuda")), "date": date.today().isoformat(),
-              "versions": env.package_versions(), "summary": summarise(rows), "rows": rows}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1))
+    with ThreadPoolExecutor(max_workers=args.workers) as pool:
+        for result in pool.map(child, QUICK if args.quick else ROWS):
+            if result is None:
+                continue
+            rows.append(result)
+            report(result)
+            record = {"device": env.device_name(torch.device("cuda")), "date": date.today().isoformat(),
+                      "versions": env.package_versions(), "summary": summarise(rows), "rows": rows}  # fmt: skip
+            args.out.write_text(json.dumps(record, indent=1))  # after every row: a cut-off run keeps what it has
     print(json.dumps(record["summary"], indent=1))
 
 
