@@ -218,6 +218,9 @@ def main() -> None:
         record["rows"] = [{**r, **estimate_columns({k: r[k] for k in ("architecture", *ESTIMATED)},
                                                    r["measured_bytes"])} for r in record["rows"]]  # fmt: skip
         record["summary"] = summarise(record["rows"])
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+        note = "the estimate columns were recomputed on a CPU; the measurements are the GPU's"
+        record["estimates_recomputed"] = f"{date.today().isoformat()}, peftlab at {commit or 'unknown commit'}: {note}"
         args.out.write_text(json.dumps(record, indent=1))
         print(json.dumps(record["summary"], indent=1))
         return

@@ -521,18 +521,19 @@ def _encoder_ends_saved_bytes(base: nn.Module, dims: Dims, p: Precision) -> int:
 
 
 def logits_bytes(model: nn.Module, dims: Dims, precision: str, stream_grad: bool) -> dict[str, int]:
-    """The final norm, the LM head and the loss.
+    """The final norm, the LM head and the loss: what they save, and what lives only for a moment.
 
     Saved: the final RMSNorm's input; the LM head's input when the head trains (tied embeddings train in full
-    fine-tuning) and, under autocast, its bf16 weight copy; the fp32 log-softmax that cross-entropy keeps. Live at
-    the peak, at the start of backward: the gradient of the log-probabilities and of the logits, each B·T·V in fp32
-    (and the bf16 logits kept for the LM head's backward under mixed precision).
+    fine-tuning) and, under autocast, its bf16 weight copy; the fp32 log-softmax that cross-entropy keeps (4 bytes
+    per logit). Short-lived, at the end of the forward pass: the logits (in the compute dtype) and their fp32 copy
+    for the loss; at the start of backward: the gradients of the log-probabilities and of the logits, two fp32
+    B·T·V tensors (8 bytes per logit; measured on an H100, the larger of the two in every benchmark row).
     """
     base, _, _ = _base_of(model)
     rows, logits = dims.batch * dims.tokens, dims.batch * dims.tokens * dims.vocab
     p = Precision.of(precision)
     if base.get_output_embeddings() is None:  # an encoder: tiny logits, but the embedding LayerNorm and the pooler
-        return {"saved": _encoder_ends_saved_bytes(base, dims, p), "transient": 0}
+        return {"saved": _encoder_ends_saved_bytes(base, dims, p), "forward": 0, "backward": 0}
     head = base.get_output_embeddings().weight
     saved = 0
     if stream_grad:  # the final norm: RMSNorm keeps its fp32 input and 1/rms, LayerNorm its input, mean and 1/σ
@@ -542,8 +543,9 @@ def logits_bytes(model: nn.Module, dims: Dims, precision: str, stream_grad: bool
     if p.autocast and (stream_grad or head.requires_grad):
         saved += head.numel() * 2
     saved += logits * 4
-    transient = logits * 4 * 2 + (logits * 2 if p.compute == 2 else 0)
-    return {"saved": saved, "transient": transient}
+    forward = logits * p.compute + (logits * 4 if p.compute != 4 else 0)
+    backward = logits * 8
+    return {"saved": saved, "forward": forward, "backward": backward}
 
 
 def encoder_saved_bytes(model: nn.Module, precision: str) -> int:
@@ -626,14 +628,16 @@ def estimate(
     states = optimizer_state_bytes(counts.trainable, optimizer, precision)
     workspace = optimizer_workspace_bytes(counts.trainable, optimizer, precision)
     activations = sum(per_layer) + encoder_saved_bytes(model, compute_precision)
-    if grad_checkpointing:  # backward recomputes one block at a time: its activations live once more
-        recompute = activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
-                                               False, device)[0]  # fmt: skip
-        activations += max(recompute)
-    else:
-        activations += kv_cache_bytes(model, dims, compute_precision, attn_implementation, device)
+    # The short-lived peak on top of the saved tensors: the logits and the KV cache at the end of the forward pass,
+    # the logits' gradients at the start of backward, or (with checkpointing) one block recomputed in backward.
+    recompute = 0
+    if grad_checkpointing:
+        recompute = max(activation_bytes_per_layer(model, batch_size, seq_len, compute_precision, attn_implementation,
+                                                   False, device)[0])  # fmt: skip
+    cache = 0 if grad_checkpointing else kv_cache_bytes(model, dims, compute_precision, attn_implementation, device)
+    transient = max(logits["forward"] + cache, logits["backward"], recompute)
     breakdown = {"weights": weights, "gradients": gradients, "optimizer_states": states,
-                 "activations": activations, "logits_and_loss": logits["saved"] + logits["transient"],
+                 "activations": activations, "logits_and_loss": logits["saved"] + transient,
                  "optimizer_workspace": workspace}  # fmt: skip
     forward_terms = ("weights", "optimizer_states", "activations", "logits_and_loss")
     step_terms = ("weights", "optimizer_states", "gradients", "optimizer_workspace")
