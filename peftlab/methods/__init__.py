@@ -8,6 +8,10 @@
 * :mod:`~peftlab.methods.prefix`: prefix tuning and P-tuning v2 (keys and values in every layer);
 * :mod:`~peftlab.methods.adapter`: Houlsby bottleneck adapters;
 * :mod:`~peftlab.methods.lora`: LoRA, rsLoRA, LoRA-FA, LoRA+; merge and peft's adapter format;
+* :mod:`~peftlab.methods.qlora`: LoRA on an NF4 base (:mod:`peftlab.quant` builds NF4 from scratch);
+* :mod:`~peftlab.methods.adalora`: AdaLoRA, ΔW = PΛQ with a rank budget (its own short loop: it acts between
+  backward and the optimizer step);
+* :mod:`~peftlab.methods.lora_drop`: LoRA-drop, layers ranked by their LoRA output, the rest sharing one LoRA;
 * :mod:`~peftlab.methods.ia3`: (IA)³ scaling vectors.
 
 :func:`apply_method` applies one by name (``"lora"``) with the family's default settings: the one way that the
@@ -50,7 +54,8 @@ MODULES = {"full": selective, "freeze": selective, "bitfit": selective, "prompt"
 
 
 def apply_method(model: nn.Module, method: str, config=None) -> nn.Module:
-    """Apply a method by name; ``config`` defaults to :func:`default_config`. QLoRA's trainable part is LoRA's: its
-    4-bit base is a matter of precision (see :mod:`peftlab.memory`)."""
+    """Apply a method by name; ``config`` defaults to :func:`default_config`. For ``"qlora"`` this applies the
+    LoRA part only (it works on the meta device, for counting); the 4-bit base is :func:`peftlab.methods.qlora.apply`
+    on a real model, and a matter of precision for :mod:`peftlab.memory`."""
     config = config if config is not None else default_config(method, model)
     return MODULES[method].apply(model, config)
