@@ -150,6 +150,8 @@ def train(
     *,
     evaluate: Callable[[nn.Module], dict] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
+    after_step: Callable[[nn.Module, int], None] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
     description: str = "train",
@@ -158,7 +160,9 @@ def train(
 
     ``evaluate(model) -> {"metric": value}`` runs every ``config.eval_every`` steps and at the end (in eval mode,
     without gradients). ``optimizer`` replaces the default AdamW (e.g. LoRA+ parameter groups); the schedule
-    scales each group's own learning rate.
+    scales each group's own learning rate. Two hooks serve methods that do more than descend a loss (AdaLoRA):
+    ``regulariser(model)`` is added to the loss that is differentiated (the history records the task loss), and
+    ``after_step(model, step)`` runs after each optimizer step, before the gradients are cleared (step from 1).
     """
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
@@ -191,8 +195,10 @@ def train(
             batch = to_device(next(batches), device)
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                 loss = model(**batch).loss / config.grad_accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
             loss_sum += loss.item()
+            if regulariser is not None:
+                loss = loss + regulariser(model) / config.grad_accum_steps
+            (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)
         if config.max_grad_norm is not None:
@@ -202,6 +208,8 @@ def train(
             scaler.update()
         else:
             optimizer.step()
+        if after_step is not None:
+            after_step(model, step + 1)
         optimizer.zero_grad(set_to_none=True)
         if device.type == "cuda":
             torch.cuda.synchronize(device)

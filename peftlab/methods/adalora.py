@@ -67,13 +67,11 @@ here the choice is the boolean buffer ``rank_mask`` of each layer and the tensor
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers.pytorch_utils import Conv1D
 
 from peftlab import train
@@ -343,16 +341,12 @@ class RankAllocator:
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-def _forever(loader: Iterable[dict]) -> Iterator[dict]:
-    while True:
-        yield from loader
-
-
 def train_adalora(
     model: nn.Module, loader: Iterable[dict], config: train.TrainConfig, *, progress: bool = False
 ) -> tuple[train.History, RankAllocator]:
-    """:func:`peftlab.train.train`'s loop, reduced to fp32 and no evaluation, plus AdaLoRA's two additions: the
-    orthogonality term in the loss and ``allocator.update_and_allocate(model, step)`` after each optimizer step.
+    """:func:`peftlab.train.train` with AdaLoRA's two additions: the orthogonality term in the loss
+    (``regulariser``) and ``allocator.update_and_allocate(model, step)`` after each optimizer step (``after_step``:
+    it reads the gradients, so before they are cleared).
 
     ``config.max_steps`` must equal the AdaLoRA config's ``total_steps`` (the budget schedule ends there). Returns
     the history (losses are the task loss, without the regulariser) and the allocator (its scores, its budget).
@@ -365,32 +359,10 @@ def train_adalora(
             f"TrainConfig.max_steps={config.max_steps} but AdaLoRAConfig.total_steps={adalora_config.total_steps}: "
             "the budget schedule is set for total_steps, so make the two equal."
         )
-    device = next(model.parameters()).device
     allocator = RankAllocator(model)
-    optimizer = train.make_adamw(model, config)
-    params = train.trainable_parameters(model)
-    history = train.History(device=str(device), trainable_parameters=sum(p.numel() for p in params))
-    batches = _forever(loader)
-    model.train()
-    started = time.perf_counter()
-    for step in tqdm(range(1, config.max_steps + 1), desc="adalora", disable=not progress):
-        step_started = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = config.learning_rate * train.learning_rate_factor(step - 1, config)
-        task_loss = 0.0
-        for _ in range(config.grad_accum_steps):
-            loss = model(**train.to_device(next(batches), device)).loss / config.grad_accum_steps
-            task_loss += loss.item()
-            (loss + adalora_config.orth_reg_weight * orthogonality_loss(model) / config.grad_accum_steps).backward()
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        allocator.update_and_allocate(model, step)  # reads the gradients: before zero_grad
-        optimizer.zero_grad(set_to_none=True)
-        history.step_seconds.append(time.perf_counter() - step_started)
-        history.steps.append(step)
-        history.losses.append(task_loss)
-        history.learning_rates.append(optimizer.param_groups[0]["lr"])
-    history.total_seconds = time.perf_counter() - started
-    model.eval()
+    history = train.train(
+        model, loader, config,
+        regulariser=lambda m: adalora_config.orth_reg_weight * orthogonality_loss(m),
+        after_step=allocator.update_and_allocate, progress=progress, description="adalora",
+    )  # fmt: skip
     return history, allocator
