@@ -9,8 +9,8 @@
 * :mod:`~peftlab.methods.adapter`: Houlsby bottleneck adapters;
 * :mod:`~peftlab.methods.lora`: LoRA, rsLoRA, LoRA-FA, LoRA+; merge and peft's adapter format;
 * :mod:`~peftlab.methods.qlora`: LoRA on an NF4 base (:mod:`peftlab.quant` builds NF4 from scratch);
-* :mod:`~peftlab.methods.adalora`: AdaLoRA, ΔW = PΛQ with a rank budget (its own short loop: it acts between
-  backward and the optimizer step);
+* :mod:`~peftlab.methods.adalora`: AdaLoRA, ΔW = PΛQ with a rank budget (trained through the loop's hooks:
+  an orthogonality term in the loss, rank allocation after each step);
 * :mod:`~peftlab.methods.lora_drop`: LoRA-drop, layers ranked by their LoRA output, the rest sharing one LoRA;
 * :mod:`~peftlab.methods.ia3`: (IA)³ scaling vectors.
 
