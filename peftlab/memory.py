@@ -35,7 +35,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from peftlab import models
-from peftlab.methods import METHOD_NAMES, adapter, apply_method, ia3, lora, prefix, prompt
+from peftlab.methods import METHOD_NAMES, adalora, adapter, apply_method, ia3, lora, prefix, prompt, qlora
 from peftlab.params import count_parameters
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16", "int8", "nf4", "nf4-dq")
@@ -397,10 +397,15 @@ LAYOUTS = {
 
 
 def _describe_linear(module: nn.Module) -> Linear:
-    """Unwrap a (possibly LoRA-, IA3- or adapter-wrapped) projection into a :class:`Linear`."""
+    """Unwrap a (possibly LoRA-, AdaLoRA-, IA3- or adapter-wrapped, possibly 4-bit) projection into a
+    :class:`Linear`."""
     description = Linear(0, 0)
     while True:
-        if isinstance(module, lora.LoRALinear):
+        if isinstance(module, adalora.AdaLoRALinear):  # saves x and Q·x like LoRA's x and A·x (plus r numbers)
+            description.lora_rank = module.lora_Q.shape[0]
+            description.lora_a_trains = module.lora_Q.requires_grad
+            module = module.base_layer
+        elif isinstance(module, lora.LoRALinear):
             description.lora_rank = module.lora_A.out_features
             description.lora_a_trains = module.lora_A.weight.requires_grad
             module = module.base_layer
@@ -412,6 +417,10 @@ def _describe_linear(module: nn.Module) -> Linear:
             module = module.base
         else:
             break
+    if isinstance(module, qlora.Linear4bit):  # a frozen NF4 weight: it never trains
+        description.in_features, description.out_features = module.in_features, module.out_features
+        description.bias_trains = module.bias is not None and module.bias.requires_grad
+        return description
     weight = module.weight
     is_conv1d = type(module).__name__ == "Conv1D"  # GPT-2 stores its weight as [in, out]
     description.in_features, description.out_features = weight.shape if is_conv1d else weight.shape[::-1]

@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from peftlab import memory, models
-from peftlab.methods import apply_method, lora, qlora
+from peftlab.methods import adalora, apply_method, lora, qlora
 
 B, T = 2, 32
 
@@ -88,6 +88,24 @@ def test_lora_saves_less_than_full_fine_tuning_but_not_much_less():
         model = apply_method(small_model("llama", "sdpa", "fp32"), method).train()
         saved[method] = memory.saved_tensor_bytes(model, batch_for("llama"))
     assert 0.6 < saved["lora"] / saved["full"] < 0.95
+
+
+@pytest.mark.parametrize("variant", ["qlora", "adalora"])
+def test_real_lora_variants_are_described(variant):
+    """A real 4-bit QLoRA model and an AdaLoRA model, as they are about to train: saved bytes within 10 %."""
+    torch.manual_seed(0)
+    model = small_model("llama", "sdpa", "fp32")
+    if variant == "qlora":
+        config = qlora.QLoRAConfig(lora=lora.LoRAConfig(r=8, target_modules=("q_proj", "v_proj")), double_quant=False)
+        model = qlora.apply(model, config)
+    else:
+        model = adalora.apply(model, adalora.AdaLoRAConfig(init_r=8, target_r=4, total_steps=10,
+                                                           target_modules=("q_proj", "v_proj")))  # fmt: skip
+    model.train()
+    measured = memory.saved_tensor_bytes(model, batch_for("llama"))
+    estimate = memory.estimate(model, method="lora", batch_size=B, seq_len=T, precision="fp32", applied=True,
+                               device="cpu")  # fmt: skip
+    assert estimate.saved_bytes == pytest.approx(measured, rel=0.10)
 
 
 # -- weights, gradients, optimizer states: exact ------------------------------------------------------------------
