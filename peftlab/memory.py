@@ -383,16 +383,15 @@ def _bert_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream
 # ----------------------------------------------------------------------------------------------------------------
 # Reading a model after a method was applied
 # ----------------------------------------------------------------------------------------------------------------
-#: Per family: the name of the block list, the projections of a block, and one norm whose weight says if norms train.
+#: Per family: the projections of a block, and one norm whose parameters say whether norms train.
 LAYOUTS = {
-    "llama": ("layers", {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj",
-                               "o": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-                               "down": "mlp.down_proj"}, "input_layernorm"),
-    "gpt2": ("h", {"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc",
-                               "mlp.c_proj": "mlp.c_proj"}, "ln_1"),
-    "bert": ("encoder.layer", {"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
-                               "attention.output": "attention.output.dense", "intermediate": "intermediate.dense",
-                               "output": "output.dense"}, "attention.output.LayerNorm"),
+    "llama": ({"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
+               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}, "input_layernorm"),
+    "gpt2": ({"c_attn": "attn.c_attn", "attn.c_proj": "attn.c_proj", "c_fc": "mlp.c_fc", "mlp.c_proj": "mlp.c_proj"},
+             "ln_1"),
+    "bert": ({"q": "attention.self.query", "k": "attention.self.key", "v": "attention.self.value",
+              "attention.output": "attention.output.dense", "intermediate": "intermediate.dense",
+              "output": "output.dense"}, "attention.output.LayerNorm"),
 }  # fmt: skip
 
 
@@ -427,14 +426,6 @@ def _describe_linear(module: nn.Module) -> Linear:
     description.weight_trains = weight.requires_grad
     description.bias_trains = module.bias is not None and module.bias.requires_grad
     return description
-
-
-def _blocks(model: nn.Module, suffix: str) -> nn.ModuleList:
-    """The list of transformer blocks: the ``ModuleList`` named ``suffix`` (``layers``, ``h``, ``encoder.layer``)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith(f".{suffix}")):
-            return module
-    raise ValueError(f"No list of transformer blocks '...{suffix}' in {type(model).__name__}.")
 
 
 def _base_of(model: nn.Module) -> tuple[nn.Module, int, int]:
@@ -473,7 +464,7 @@ def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, 
     """Saved-for-backward bytes of each block (see :func:`estimate`), and the dimensions they were computed for."""
     base, extra_queries, extra_keys = _base_of(model)
     layout = models.family(base.config, needed_by="The memory estimator")
-    blocks_path, projections, norm_path = LAYOUTS[layout]
+    projections, norm_path = LAYOUTS[layout]
     p = Precision.of(precision)
     dims = _dims(base.config, batch_size, seq_len + extra_queries, seq_len + extra_queries + extra_keys)
     rows = dims.batch * dims.tokens
@@ -481,7 +472,7 @@ def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, 
     embeddings_train = any(param.requires_grad for name, param in base.named_parameters() if "embed" in name)
     stream_grad = extra_queries > 0 or embeddings_train  # a soft prompt or trained embeddings feed the first block
     per_layer = []
-    for block in _blocks(base, blocks_path):
+    for block in models.transformer_blocks(base)[1]:
         layers = {key: _describe_linear(block.get_submodule(path)) for key, path in projections.items()}
         norms_train = any(param.requires_grad for param in block.get_submodule(norm_path).parameters())
         block_trains = any(param.requires_grad for param in block.parameters()) or extra_keys > 0

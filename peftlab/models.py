@@ -257,6 +257,19 @@ def family(model_or_config: nn.Module | PretrainedConfig, needed_by: str = "peft
     return FAMILIES[model_type]
 
 
+#: The list of transformer blocks, per family (``model.layers``, ``transformer.h``, ``bert.encoder.layer``).
+BLOCK_LISTS = {"llama": "layers", "gpt2": "h", "bert": "encoder.layer"}
+
+
+def transformer_blocks(model: nn.Module, needed_by: str = "peftlab") -> tuple[str, nn.ModuleList]:
+    """The full name and the ``ModuleList`` of a model's transformer blocks (under any task head or wrapper)."""
+    suffix = BLOCK_LISTS[family(model, needed_by)]
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith(f".{suffix}")):
+            return name, module
+    raise ValueError(f"No list of transformer blocks '...{suffix}' in {type(model).__name__}.")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Tiny random-init models for fast tests
 # ----------------------------------------------------------------------------------------------------------------

@@ -43,14 +43,12 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.models import family
+from peftlab.models import family, transformer_blocks
 from peftlab.params import kind_of, layer_of
 
 PLACEMENTS = ("attention", "ffn")
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU}
 
-#: The list of transformer blocks, per family (``model.layers``, ``transformer.h``, ``encoder.layer``).
-BLOCKS = {"llama": "layers", "gpt2": "h", "bert": "encoder.layer"}
 #: The output projection each placement wraps, relative to its block.
 WRAPPED = {
     "llama": {"attention": "self_attn.o_proj", "ffn": "mlp.down_proj"},
@@ -131,15 +129,6 @@ class AdapterWrapped(nn.Module):
         return self.adapter(self.base(x))
 
 
-def _blocks(model: nn.Module, family: str) -> tuple[str, nn.ModuleList]:
-    """The name and the ``ModuleList`` of the transformer blocks."""
-    suffix = BLOCKS[family]
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith(f".{suffix}")):
-            return name, module
-    raise ValueError(f"No list of transformer blocks '...{suffix}' in {type(model).__name__}.")
-
-
 def _out_features(module: nn.Module) -> int:
     if isinstance(module, nn.Linear):
         return module.out_features
@@ -158,7 +147,7 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if any(isinstance(module, AdapterWrapped) for module in model.modules()):
         raise ValueError(f"{type(model).__name__} already has adapters: apply adapters to a fresh base model.")
     layout = family(model, needed_by="Adapters")
-    blocks_name, blocks = _blocks(model, layout)
+    blocks_name, blocks = transformer_blocks(model, needed_by="Adapters")
     layers = range(len(blocks)) if config.layers is None else config.layers
     out_of_range = [i for i in layers if i >= len(blocks)]
     if out_of_range:
