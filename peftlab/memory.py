@@ -455,8 +455,11 @@ DEVICES = ("cuda", "cpu")
 def sdpa_falls_back_to_math(dims: Dims, precision: Precision, device: str) -> bool:
     """On CUDA, SDPA in fp32 with grouped-query attention has no fused kernel (flash needs 16-bit inputs, the
     memory-efficient kernel has no GQA), so PyTorch runs the math path, which saves what eager attention saves. The
-    CPU's flash kernel takes fp32 and GQA."""
-    return device == "cuda" and precision.compute == 4 and dims.kv_heads < dims.heads
+    CPU's flash kernel takes fp32 and GQA. With a prefix the call carries an explicit mask, transformers repeats k
+    and v to every head itself (it hands GQA to the kernel only without a mask), and the memory-efficient kernel
+    takes the fp32 inputs and the mask: no fallback (measured on an H100: SmolLM2, prefix tuning, 4 × 512)."""
+    grouped_in_kernel = dims.kv_heads < dims.heads and dims.keys == dims.tokens
+    return device == "cuda" and precision.compute == 4 and grouped_in_kernel
 
 
 def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, precision: str, attn: str,
@@ -659,7 +662,8 @@ def estimate(
 # ----------------------------------------------------------------------------------------------------------------
 def saved_tensor_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool = False) -> int:
     """Bytes of the tensors autograd saves for backward in one forward pass (each storage once, parameters left
-    out): the activation memory, measured on any device. Only counts: the pass is not meant for backward.
+    out): the activation memory, measured on any device (the batch is moved to the model's). Only counts: the pass
+    is not meant for backward.
 
     The graph keeps nothing: the hook holds each storage in a list of its own until the call returns (so that no
     address is reused while counting). Returning the tensor to the graph would tie an op's saved *output* to the
@@ -680,6 +684,7 @@ def saved_tensor_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocas
         raise RuntimeError("saved_tensor_bytes counts saved tensors and keeps none: this graph has no backward.")
 
     device = next(model.parameters()).device
+    batch = {key: value.to(device) for key, value in batch.items()}
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack), torch.autocast(device.type, dtype=torch.bfloat16,
                                                                                 enabled=autocast):  # fmt: skip
         model(**batch)
