@@ -128,6 +128,24 @@ def test_starts_at_the_base_model_with_lambda_zero_as_peft():
         assert 0.01 < layer.lora_P.std() < 0.03 and 0.01 < layer.lora_Q.std() < 0.03  # N(0, 0.02²), as peft
 
 
+def test_modules_to_save_train_in_full_as_in_peft():
+    """A new classification head trains in full beside P, λ, Q: the same trainable count as peft's AdaLoRA with the
+    same ``modules_to_save``."""
+    kwargs = {"init_r": 4, "target_r": 2, "lora_alpha": 8, "total_step": 10}
+    config = AdaLoRAConfig(init_r=4, target_r=2, alpha=8, total_steps=10, target_modules=("query", "value"),
+                           modules_to_save=("classifier",))  # fmt: skip
+    ours = adalora.apply(models.tiny_model("bert", "classification"), config)
+    theirs = peft.get_peft_model(
+        models.tiny_model("bert", "classification"),
+        peft.AdaLoraConfig(target_modules=["query", "value"], modules_to_save=["classifier"], **kwargs),
+    )
+    assert all(p.requires_grad for p in ours.classifier.parameters())
+    head = sum(p.numel() for p in ours.classifier.parameters())
+    layers = adalora.adalora_layers(ours).values()
+    expected = sum(adalora.adalora_parameter_count(m.in_features, m.out_features, 4) for m in layers) + head
+    assert count_parameters(ours).trainable == count_parameters(theirs).trainable == expected
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The allocator at work
 # ----------------------------------------------------------------------------------------------------------------
@@ -232,5 +250,9 @@ def test_bad_use_is_refused():
         adalora.train_adalora(model, [token_batch(model)], train.TrainConfig(max_steps=5))
     with pytest.raises(ValueError, match=r"no AdaLoRA layers: call adalora\.apply"):
         adalora.ranks(models.tiny_model("llama"))
+    with pytest.raises(ValueError, match=r"modules_to_save: no module of LlamaForCausalLM is named 'classifer'"):
+        adalora.apply(models.tiny_model("llama"), AdaLoRAConfig(total_steps=10, modules_to_save=("classifer",)))
+    with pytest.raises(ValueError, match=r"both a LoRA target and .* modules_to_save"):
+        adalora.apply(models.tiny_model("llama"), AdaLoRAConfig(total_steps=10, modules_to_save=("q_proj",)))
     with pytest.raises(TypeError, match="takes an AdaLoRAConfig"):
         adalora.apply(models.tiny_model("llama"), {"init_r": 8})

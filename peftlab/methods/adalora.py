@@ -86,8 +86,8 @@ class AdaLoRAConfig:
     ``total_steps`` optimizer steps (``total_step``): ``t_init`` steps of warm-up at full rank (``tinit``), a cubic
     fall of the budget, then ``t_final`` steps with the final ranks fixed (``tfinal``). The allocator masks every
     ``delta_t`` steps (``deltaT``). ``beta1`` and ``beta2`` smooth sensitivity and uncertainty; ``orth_reg_weight``
-    is γ. ``alpha`` gives the scaling α / init_r (``lora_alpha``). ``target_modules`` as in
-    :class:`~peftlab.methods.lora.LoRAConfig`.
+    is γ. ``alpha`` gives the scaling α / init_r (``lora_alpha``). ``target_modules`` and ``modules_to_save`` (a new
+    classification head, say, that trains in full) as in :class:`~peftlab.methods.lora.LoRAConfig`.
     """
 
     total_steps: int
@@ -101,6 +101,7 @@ class AdaLoRAConfig:
     orth_reg_weight: float = 0.5
     alpha: float = 16
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    modules_to_save: tuple[str, ...] = ()
 
     def __post_init__(self):
         for field in ("total_steps", "init_r", "target_r", "delta_t"):
@@ -127,9 +128,15 @@ class AdaLoRAConfig:
                 raise ValueError(f"{field} (an EMA factor) must be in [0, 1), got {value!r}; the paper uses 0.85.")
         if not self.orth_reg_weight >= 0:
             raise ValueError(f"orth_reg_weight must be at least 0, got {self.orth_reg_weight!r}.")
-        # LoRA's checks and normal form of target_modules ("all-linear", a tuple of suffixes, or a regex).
-        targets = lora.LoRAConfig(r=1, alpha=self.alpha, target_modules=self.target_modules).target_modules
-        object.__setattr__(self, "target_modules", targets)
+        # LoRA's checks and normal forms of target_modules ("all-linear", suffixes, or a regex) and modules_to_save.
+        normal = self.as_lora_config()
+        object.__setattr__(self, "target_modules", normal.target_modules)
+        object.__setattr__(self, "modules_to_save", normal.modules_to_save)
+
+    def as_lora_config(self) -> lora.LoRAConfig:
+        """The LoRA config that picks the same layers and heads (r = 1 there: ``init_r`` is checked per layer)."""
+        return lora.LoRAConfig(r=1, alpha=self.alpha, target_modules=self.target_modules,
+                               modules_to_save=self.modules_to_save)  # fmt: skip
 
     @property
     def scaling(self) -> float:
@@ -199,13 +206,15 @@ def _layers_of(model: nn.Module) -> dict[str, AdaLoRALinear]:
 
 def apply(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     """Freeze every parameter and wrap each target layer in an :class:`AdaLoRALinear` of rank ``init_r``; P, λ and
-    Q train. The config is kept as ``model.adalora_config`` (for :class:`RankAllocator` and :func:`train_adalora`)."""
+    Q train, and the ``modules_to_save`` in full. The config is kept as ``model.adalora_config`` (for
+    :class:`RankAllocator` and :func:`train_adalora`)."""
     if not isinstance(config, AdaLoRAConfig):
         raise TypeError(f"adalora.apply takes an AdaLoRAConfig, got {type(config).__name__}.")
     if adalora_layers(model):
         raise ValueError("AdaLoRA is already applied to this model: apply it once (load a fresh model to start over).")
-    # LoRA's choice of layers, with its errors (no match, not linear); r=1 there: init_r is checked just below.
-    targets = lora._targets(model, lora.LoRAConfig(r=1, alpha=config.alpha, target_modules=config.target_modules))
+    # LoRA's choice of layers and heads, with its errors (no match, not linear, a head that is also a target).
+    targets = lora._targets(model, config.as_lora_config())
+    heads = lora._modules_to_save(model, config.as_lora_config())
     for name, layer in targets.items():
         in_features, out_features = lora._in_out(layer)
         if config.init_r > min(in_features, out_features):
@@ -217,6 +226,8 @@ def apply(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     model.requires_grad_(False)
     for name, layer in targets.items():
         model.set_submodule(name, AdaLoRALinear(layer, config.init_r, config.alpha))
+    for head in heads.values():
+        head.requires_grad_(True)
     model.adalora_config = config
     return model
 
