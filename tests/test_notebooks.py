@@ -60,14 +60,24 @@ def test_the_cleanliness_check_catches_noise():
     assert notebook_tools.problems(notebook_tools.clean(notebook)) == []
 
 
+def quoted_figures(record: dict) -> list[str]:
+    """What a full run's prose must quote from its record: each accuracy, each validation loss, each measured peak."""
+    figures = [f"{row['accuracy']:.3f}" for row in record.get("results", []) + record.get("freeze_sweep", [])]
+    figures += [f"{run['val_loss']:.3f}" for run in record.get("instruction_sweep", {}).get("runs", [])]
+    figures += [f"{row['measured peak GiB']:.2f}" for row in record.get("peaks") or []]
+    return figures
+
+
 @pytest.mark.parametrize("record", sorted((REPO / "notebooks" / "results").glob("*.json")), ids=lambda p: p.name)
 def test_full_run_numbers_in_the_prose_come_from_its_record(record):
-    """A full run writes notebooks/results/NN_*.json; the notebook's prose must quote what it measured."""
+    """A full run writes notebooks/results/NN_full.json; the notebook's prose must quote what it measured."""
     notebook = nbformat.read(next((REPO / "notebooks").glob(f"{record.name[:2]}_*.ipynb")), as_version=4)
     prose = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
     measured = json.loads(record.read_text())
     assert measured["profile"] == "full"
     gpu = measured["device"].removeprefix("NVIDIA ").split()[0]  # "NVIDIA H100 80GB HBM3" -> "H100"
     assert gpu in prose, f"the prose does not name the device the numbers were measured on ({gpu})"
-    for row in measured["results"] + measured.get("freeze_sweep", []):
-        assert f"{row['accuracy']:.3f}" in prose, f"{row} is not quoted in the prose"
+    figures = quoted_figures(measured)
+    assert figures, f"{record.name} holds nothing that the prose could quote"
+    for figure in figures:
+        assert figure in prose, f"{figure} (from {record.name}) is not quoted in the prose"
