@@ -1,0 +1,48 @@
+"""The estimator against GPU measurements kept in the repository: re-estimated here on the CPU, every row must stay
+close to what the GPU measured. A change to peftlab.memory that breaks its accuracy fails here, not on a GPU.
+
+Sources: ``benchmarks/results/memory_accuracy.json`` (peaks over AdamW/SGD steps, 27 rows, H100) and notebook 02's
+full run, ``notebooks/results/02_full.json`` (bytes saved for backward by nine methods, H100)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from peftlab import memory, models
+from peftlab.methods import apply_method, lora
+
+REPO = Path(__file__).resolve().parents[1]
+BENCHMARK = json.loads((REPO / "benchmarks" / "results" / "memory_accuracy.json").read_text())
+NOTEBOOK_02 = json.loads((REPO / "notebooks" / "results" / "02_full.json").read_text())
+#: The settings of a benchmark row that the estimate takes (benchmarks/memory_accuracy.py: ESTIMATED).
+ESTIMATED = ("method", "batch_size", "seq_len", "precision", "optimizer", "grad_checkpointing", "attn_implementation")
+MiB = 2**20
+
+
+def row_id(row: dict) -> str:
+    return "-".join(str(row[key]) for key in ("architecture", *ESTIMATED))
+
+
+@pytest.mark.parametrize("row", BENCHMARK["rows"], ids=row_id)
+def test_peak_estimate_is_within_5_percent_of_the_measured_peak(row):
+    estimate = memory.estimate(row["architecture"], **{key: row[key] for key in ESTIMATED})
+    assert estimate.peak / row["measured_bytes"] - 1 == pytest.approx(0, abs=0.05), BENCHMARK["device"]
+
+
+def lora_config(fields: dict | None) -> lora.LoRAConfig | None:
+    """A LoRAConfig from its JSON form (tuples come back as lists)."""
+    if fields is None:
+        return None
+    return lora.LoRAConfig(**{key: tuple(v) if isinstance(v, list) else v for key, v in fields.items()})
+
+
+@pytest.mark.parametrize("row", NOTEBOOK_02["saved_for_backward"]["rows"], ids=lambda row: row["method"])
+def test_saved_for_backward_estimate_is_within_2_percent_of_notebook_02_gpu_run(row):
+    run = NOTEBOOK_02["saved_for_backward"]
+    assert NOTEBOOK_02["profile"] == "full" and run["kernels"] == "cuda", "the record should come from a GPU run"
+    base = models.meta_model(NOTEBOOK_02["architecture"])
+    model = apply_method(base, row["peftlab_method"], lora_config(row["lora"]))
+    estimate = memory.estimate(model, row["peftlab_method"], applied=True, batch_size=run["batch_size"],
+                               seq_len=run["seq_len"], precision=run["precision"], device=run["kernels"])  # fmt: skip
+    assert estimate.saved_bytes / (row["measured MiB"] * MiB) - 1 == pytest.approx(0, abs=0.02)
