@@ -235,10 +235,12 @@ def _linear(tally: Tally, name: str, layer: Linear, rows: int, source: str, inpu
     A matmul saves its input when the weight trains (for ∂L/∂W = δ xᵀ) and its weight when the input needs a
     gradient (for ∂L/∂x = Wᵀ δ). The weight is a parameter and costs nothing new, except under autocast: there each
     matmul casts its inputs to bf16 copies (the trained weights' copies are cached for the whole forward pass). A
-    bias needs no saved tensor. ``source`` names the input tensor, so that an input shared by several projections
-    is counted once (under autocast each projection saves its own copy).
+    bias needs no saved tensor. ``source`` names the input tensor, so that a tensor saved by several operations is
+    counted once: the input shared by q, k and v, or the output of a fused attention kernel, which the kernel saves
+    and the output projection reads. Under autocast each projection saves its own bf16 copy of an fp32 input; an
+    input already in the compute dtype is not copied.
     """
-    shared = None if p.autocast else source
+    shared = None if p.autocast and input_bytes != p.compute else source
     x_bytes = p.compute if p.autocast else input_bytes
     if layer.weight_trains:
         tally.add("inputs of trained projections", rows * layer.in_features, x_bytes, key=shared)
@@ -267,15 +269,21 @@ def _linear(tally: Tally, name: str, layer: Linear, rows: int, source: str, inpu
     return output_needs_grad
 
 
-def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel: bool, softmax_fp32: bool) -> None:
+def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel: bool, softmax_fp32: bool,
+               output_is_projection_input: bool) -> None:  # fmt: skip
     """The attention kernel's saved tensors. SDPA (flash / memory-efficient): q, k, v, the output and the log-sum-exp
-    (fp32, B·h·T). Eager: q and the keys and values repeated to every head, and the B·h·T·T_k probabilities (fp32,
-    plus their bf16 copy under autocast)."""
+    (fp32, B·h·T). Where q comes from its own projection (Llama, BERT: ``view(B, T, h, d).transpose(1, 2)``) the
+    fused kernels write the output in that token-major layout, and the output projection reads that very storage:
+    one tensor, counted once (``key="attention"``, the projection's source). GPT-2 slices q, k and v out of one
+    fused output, and its output projection gets a copy (measured). Eager: q and the keys and values repeated to
+    every head, and the B·h·T·T_k probabilities (fp32, plus their bf16 copy under autocast); its output is a copy of
+    its own."""
     rows, key_rows = dims.batch * dims.tokens, dims.batch * dims.keys
     q, kv = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
     if attn == "sdpa":
         kv_width = kv if gqa_in_kernel else q
-        tally.add("attention q, k, v, output", rows * 2 * q + key_rows * 2 * kv_width, p.compute)
+        tally.add("attention q, k, v", rows * q + key_rows * 2 * kv_width, p.compute)
+        tally.add("attention output", rows * q, p.compute, key="attention" if output_is_projection_input else None)
         tally.add("attention log-sum-exp", dims.batch * dims.heads * dims.tokens, 4)
         if dims.keys > dims.tokens:  # a prefix: the kernel gets (and keeps) an explicit B·T·(n+T) mask
             tally.add("attention mask", dims.batch * dims.tokens * dims.keys, p.compute)
@@ -309,7 +317,7 @@ def _llama_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, strea
     q_grad, k_grad, v_grad = (_linear(tally, key, layers[key], rows, "norm 1", x_grad, p, p.stream) for key in "qkv")
     attention_grad = q_grad or k_grad or v_grad or dims.keys > dims.tokens  # a trained prefix enters here
     if attention_grad:
-        _attention(tally, dims, attn, p, gqa_in_kernel, softmax_fp32=True)
+        _attention(tally, dims, attn, p, gqa_in_kernel, softmax_fp32=True, output_is_projection_input=True)
     o_grad = _linear(tally, "o", layers["o"], rows, "attention", attention_grad, p, p.compute)
     residual_grad = stream_needs_grad or o_grad
     x_grad = rms_norm("norm 2", residual_grad)
@@ -342,7 +350,7 @@ def _gpt2_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream
     qkv_grad = _linear(tally, "c_attn", layers["c_attn"], rows, "ln_1", x_grad, p, p.stream)
     if qkv_grad:  # q, k and v are views of one c_attn output: the kernel saves that storage once
         dims_mha = Dims(**{**dims.__dict__, "kv_heads": dims.heads})
-        _attention(tally, dims_mha, attn, p, gqa_in_kernel=True, softmax_fp32=False)
+        _attention(tally, dims_mha, attn, p, gqa_in_kernel=True, softmax_fp32=False, output_is_projection_input=False)
     o_grad = _linear(tally, "attn.c_proj", layers["attn.c_proj"], rows, "attention", qkv_grad, p, p.compute)
     x_grad = _layer_norm(tally, rows, d, stream_needs_grad or o_grad, norms_train, p)
     fc_grad = _linear(tally, "c_fc", layers["c_fc"], rows, "ln_2", x_grad, p, p.stream)
@@ -353,9 +361,11 @@ def _gpt2_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream
 
 
 def _bert_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream_needs_grad: bool, attn: str,
-                p: Precision, dropout: bool) -> Tally:  # fmt: skip
+                device: str, p: Precision, dropout: bool) -> Tally:  # fmt: skip
     """Saved tensors of one BERT block (q, k, v → attention → dense → LayerNorm(+x) → GELU FFN → LayerNorm(+x)).
-    Dropout in training saves a one-byte mask per element after each dense layer."""
+    Dropout in training saves a mask per element after each dense layer: one byte on CUDA (a fused kernel's boolean
+    mask), an element of the layer's output dtype on a CPU (there dropout multiplies by a scaled mask).
+    (Attention dropout is not modelled: with it, SDPA on a CPU leaves the fused kernel for the math path.)"""
     tally = Tally()
     rows, d, f = dims.batch * dims.tokens, dims.hidden, dims.ffn
     q_grad, k_grad, v_grad = (
@@ -364,18 +374,18 @@ def _bert_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream
     attention_grad = q_grad or k_grad or v_grad or dims.keys > dims.tokens
     if attention_grad:
         dims_mha = Dims(**{**dims.__dict__, "kv_heads": dims.heads})
-        _attention(tally, dims_mha, attn, p, gqa_in_kernel=True, softmax_fp32=False)
+        _attention(tally, dims_mha, attn, p, gqa_in_kernel=True, softmax_fp32=False, output_is_projection_input=True)
     o_grad = _linear(tally, "attention.output", layers["attention.output"], rows, "attention", attention_grad, p,
                      p.compute)  # fmt: skip
     if dropout and o_grad:
-        tally.add("dropout masks", rows * d, 1)
+        tally.add("dropout masks", rows * d, 1 if device == "cuda" else p.compute)
     x_grad = _layer_norm(tally, rows, d, stream_needs_grad or o_grad, norms_train, p)
     up_grad = _linear(tally, "intermediate", layers["intermediate"], rows, "LayerNorm 1", x_grad, p, p.stream)
     if up_grad:
         tally.add("GELU inputs", rows * f, p.compute)
     down_grad = _linear(tally, "output", layers["output"], rows, "GELU", up_grad, p, p.compute)
     if dropout and down_grad:
-        tally.add("dropout masks", rows * d, 1)
+        tally.add("dropout masks", rows * d, 1 if device == "cuda" else p.compute)
     _layer_norm(tally, rows, d, x_grad or down_grad, norms_train, p)
     return tally
 
@@ -457,7 +467,8 @@ def sdpa_falls_back_to_math(dims: Dims, precision: Precision, device: str) -> bo
     memory-efficient kernel has no GQA), so PyTorch runs the math path, which saves what eager attention saves. The
     CPU's flash kernel takes fp32 and GQA. With a prefix the call carries an explicit mask, transformers repeats k
     and v to every head itself (it hands GQA to the kernel only without a mask), and the memory-efficient kernel
-    takes the fp32 inputs and the mask: no fallback (measured on an H100: SmolLM2, prefix tuning, 4 × 512)."""
+    takes the fp32 inputs and the mask: no fallback (measured on an H100: SmolLM2, prefix tuning, 4 × 512). The
+    estimate assumes batches without padding: a padding mask would have the prefix's effect, which is not modelled."""
     grouped_in_kernel = dims.kv_heads < dims.heads and dims.keys == dims.tokens
     return device == "cuda" and precision.compute == 4 and grouped_in_kernel
 
@@ -488,7 +499,7 @@ def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, 
         elif layout == "gpt2":
             per_layer.append(_gpt2_block(dims, layers, norms_train, stream_grad, attn, p).total)
         else:
-            per_layer.append(_bert_block(dims, layers, norms_train, stream_grad, attn, p, dropout).total)
+            per_layer.append(_bert_block(dims, layers, norms_train, stream_grad, attn, device, p, dropout).total)
         stream_grad = stream_grad or block_trains
     return per_layer, dims
 
@@ -662,8 +673,8 @@ def estimate(
 # ----------------------------------------------------------------------------------------------------------------
 def saved_tensor_bytes(model: nn.Module, batch: dict[str, torch.Tensor], autocast: bool = False) -> int:
     """Bytes of the tensors autograd saves for backward in one forward pass (each storage once, parameters left
-    out): the activation memory, measured on any device (the batch is moved to the model's). Only counts: the pass
-    is not meant for backward.
+    out): the activation memory, measured on any device (the batch's tensors are moved to the model's device). Only
+    counts: the pass is not meant for backward.
 
     The graph keeps nothing: the hook holds each storage in a list of its own until the call returns (so that no
     address is reused while counting). Returning the tensor to the graph would tie an op's saved *output* to the

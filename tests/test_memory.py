@@ -65,6 +65,30 @@ def test_saved_activations_match_the_estimate_within_10_percent(arch, method, pr
     assert estimated == pytest.approx(measured, rel=0.10), f"estimate {estimated:,} vs measured {measured:,}"
 
 
+#: Every linear layer of a BERT block ("output.dense" is both outputs), not the pooler.
+BERT_BLOCK_LINEAR = ("query", "key", "value", "output.dense", "intermediate.dense")
+
+
+@pytest.mark.parametrize("config", [lora.LoRAConfig(r=8, target_modules=BERT_BLOCK_LINEAR),
+                                    lora.LoRAConfig(r=8, target_modules=BERT_BLOCK_LINEAR, freeze_A=True)],
+                         ids=["lora", "lora-fa"])  # fmt: skip
+def test_bert_with_hidden_dropout_on_a_cpu(config):
+    """MiniLM trains with dropout 0.1 after its dense layers; on a CPU dropout keeps a mask of the output's dtype (on
+    CUDA a one-byte one). LoRA on the attention output dense reads the fused kernel's own saved output, so LoRA-FA
+    frees nothing there. (Attention dropout stays 0: with it, SDPA on a CPU runs the math path, not modelled.)"""
+    torch.manual_seed(0)
+    base = small_model("bert", "sdpa", "fp32")
+    base.config.hidden_dropout_prob = 0.1
+    for name, module in base.named_modules():
+        if isinstance(module, torch.nn.Dropout) and "attention.self" not in name:
+            module.p = 0.1
+    model = lora.apply(base, config).train()
+    measured = memory.saved_tensor_bytes(model, batch_for("bert"))
+    estimate = memory.estimate(model, method="lora", batch_size=B, seq_len=T, precision="fp32", applied=True,
+                               device="cpu")  # fmt: skip
+    assert estimate.saved_bytes == pytest.approx(measured, rel=0.03)
+
+
 @pytest.mark.parametrize(("arch", "method"), [("llama", "full"), ("llama", "lora"), ("gpt2", "full"), ("gpt2", "lora"),
                                               ("bert", "full")])  # fmt: skip
 def test_checkpointing_keeps_only_block_inputs(arch, method):

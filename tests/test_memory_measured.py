@@ -1,7 +1,8 @@
 """The estimator against GPU measurements kept in the repository: re-estimated here on the CPU, every row must stay
 close to what the GPU measured. A change to peftlab.memory that breaks its accuracy fails here, not on a GPU.
 
-Sources: ``benchmarks/results/memory_accuracy.json`` (peaks over AdamW/SGD steps, 27 rows, H100) and notebook 02's
+Sources: ``benchmarks/results/memory_accuracy.json`` (peaks over AdamW/SGD steps and the bytes saved for backward,
+27 rows, H100) and notebook 02's
 full run, ``notebooks/results/02_full.json`` (bytes saved for backward by nine methods, H100)."""
 
 import json
@@ -28,6 +29,12 @@ def row_id(row: dict) -> str:
 def test_peak_estimate_is_within_5_percent_of_the_measured_peak(row):
     estimate = memory.estimate(row["architecture"], **{key: row[key] for key in ESTIMATED})
     assert estimate.peak / row["measured_bytes"] - 1 == pytest.approx(0, abs=0.05), BENCHMARK["device"]
+
+
+@pytest.mark.parametrize("row", BENCHMARK["rows"], ids=row_id)
+def test_saved_for_backward_estimate_is_within_2_percent_of_the_benchmark_measurement(row):
+    estimate = memory.estimate(row["architecture"], **{key: row[key] for key in ESTIMATED})
+    assert estimate.saved_bytes / row["saved_bytes_measured"] - 1 == pytest.approx(0, abs=0.02)
 
 
 def lora_config(fields: dict | None) -> lora.LoRAConfig | None:
