@@ -79,5 +79,5 @@ def test_full_run_numbers_in_the_prose_come_from_its_record(record):
     assert gpu in prose, f"the prose does not name the device the numbers were measured on ({gpu})"
     figures = quoted_figures(measured)
     assert figures, f"{record.name} holds nothing that the prose could quote"
-    for figure in figures:
-        assert figure in prose, f"{figure} (from {record.name}) is not quoted in the prose"
+    for figure in figures:  # a whole number in the prose: "5.31" is not found inside "15.31" or "5.312"
+        assert re.search(rf"(?<![\d.]){re.escape(figure)}(?!\d)", prose), f"{figure} ({record.name}) is not quoted"
