@@ -4,13 +4,13 @@ under grouped-query attention, fold, training moves only the prefix (and head), 
 import peft
 import pytest
 import torch
+from helpers import assert_trains_and_leaves_the_base_bit_identical
 from torch.testing import assert_close
 from transformers import AutoModelForCausalLM, DistilBertConfig, DistilBertModel, DynamicCache, Qwen2Config
 
 from peftlab import models
 from peftlab.methods import prefix, prompt
 from peftlab.params import count_parameters, parameter_table
-from peftlab.train import TrainConfig, train
 
 # (tiny architecture, peftlab task, peft task type); llama and qwen2 use grouped-query attention (4 heads, 2 KV heads)
 CASES = [
@@ -150,16 +150,7 @@ def test_fold_keeps_the_logits_and_drops_the_mlp():
     ids=["prefix-mlp-llama", "prefix-direct-gpt2", "p-tuning-v2-bert"],
 )
 def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(arch, task, config):
-    base = models.tiny_model(arch, task)
-    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-    model = prefix.apply(base, config)
-    input_ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(1))
-    labels = input_ids if task == "causal_lm" else torch.tensor([0, 1, 2, 1])
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    history = train(model, [batch], TrainConfig(max_steps=8, learning_rate=3e-2, schedule="constant"), progress=False)
-    assert history.losses[-1] < history.losses[0] - 1e-3
-    changed = {name for name, tensor in base.state_dict().items() if not torch.equal(tensor, before[name])}
-    assert changed == ({"classifier.weight", "classifier.bias"} if config.train_head else set())
+    assert_trains_and_leaves_the_base_bit_identical(prefix.apply, arch, task, config)
 
 
 def test_counting_on_the_meta_device_needs_no_weights():

@@ -5,6 +5,7 @@ import peft
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import assert_trains_and_leaves_the_base_bit_identical
 from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tokenizer_models
 from torch.testing import assert_close
@@ -13,7 +14,6 @@ from transformers import PreTrainedTokenizerFast
 from peftlab import models
 from peftlab.methods import prompt
 from peftlab.params import count_parameters, parameter_table
-from peftlab.train import TrainConfig, train
 
 # (tiny architecture, peftlab task, peft task type)
 CASES = [("llama", "causal_lm", "CAUSAL_LM"), ("gpt2", "causal_lm", "CAUSAL_LM"), ("bert", "classification", "SEQ_CLS")]
@@ -138,16 +138,7 @@ def test_the_trained_parameters_are_named_as_the_prompt_kind(config):
     ids=["prompt-llama", "p-tuning-lstm-llama", "p-tuning-mlp-bert-with-head"],
 )
 def test_training_lowers_the_loss_and_leaves_the_base_bit_identical(arch, task, config):
-    base = models.tiny_model(arch, task)
-    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
-    model = prompt.apply(base, config)
-    input_ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(1))
-    labels = input_ids if task == "causal_lm" else torch.tensor([0, 1, 2, 1])
-    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
-    history = train(model, [batch], TrainConfig(max_steps=8, learning_rate=3e-2, schedule="constant"), progress=False)
-    assert history.losses[-1] < history.losses[0] - 1e-3
-    changed = {name for name, tensor in base.state_dict().items() if not torch.equal(tensor, before[name])}
-    assert changed == ({"classifier.weight", "classifier.bias"} if config.train_head else set())
+    assert_trains_and_leaves_the_base_bit_identical(prompt.apply, arch, task, config)
 
 
 def word_level_tokenizer() -> PreTrainedTokenizerFast:

@@ -1,0 +1,21 @@
+"""Checks shared by several test modules."""
+
+import torch
+
+from peftlab import models
+from peftlab.train import TrainConfig, train
+
+
+def assert_trains_and_leaves_the_base_bit_identical(apply, arch: str, task: str, config) -> None:
+    """``apply(base, config)`` on a tiny model: eight steps on one batch lower the loss, and the base's own weights
+    do not move (a classification head may, when the config trains it)."""
+    base = models.tiny_model(arch, task)
+    before = {name: tensor.clone() for name, tensor in base.state_dict().items()}
+    model = apply(base, config)
+    input_ids = torch.randint(1, 128, (4, 8), generator=torch.Generator().manual_seed(1))
+    labels = input_ids if task == "causal_lm" else torch.tensor([0, 1, 2, 1])
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    history = train(model, [batch], TrainConfig(max_steps=8, learning_rate=3e-2, schedule="constant"), progress=False)
+    assert history.losses[-1] < history.losses[0] - 1e-3
+    changed = {name for name, tensor in base.state_dict().items() if not torch.equal(tensor, before[name])}
+    assert changed == ({"classifier.weight", "classifier.bias"} if config.train_head else set())
