@@ -5,13 +5,14 @@ Sources: ``benchmarks/results/memory_accuracy.json`` (peaks over AdamW/SGD steps
 27 rows, H100) and notebook 02's
 full run, ``notebooks/results/02_full.json`` (bytes saved for backward by nine methods, H100)."""
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 
 from peftlab import memory, models
-from peftlab.methods import apply_method, lora
+from peftlab.methods import apply_method, default_config, lora
 
 REPO = Path(__file__).resolve().parents[1]
 BENCHMARK = json.loads((REPO / "benchmarks" / "results" / "memory_accuracy.json").read_text())
@@ -53,3 +54,28 @@ def test_saved_for_backward_estimate_is_within_2_percent_of_notebook_02_gpu_run(
     estimate = memory.estimate(model, row["peftlab_method"], applied=True, batch_size=run["batch_size"],
                                seq_len=run["seq_len"], precision=run["precision"], device=run["kernels"])  # fmt: skip
     assert estimate.saved_bytes / (row["measured MiB"] * MiB) - 1 == pytest.approx(0, abs=0.02)
+
+
+#: The default configs that notebook 02's run used where its record says ``"lora": null``. If a default changes,
+#: the record no longer describes what a default-config model is: re-run notebook 02's full profile on a GPU (or
+#: record the config), then update this table.
+DEFAULTS_OF_THE_RUN = {
+    "full": {},
+    "freeze": {"trainable_layers": 2, "train_head": True},
+    "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ("q_proj", "v_proj"), "use_rslora": False,
+             "freeze_A": False, "init": "kaiming", "modules_to_save": ()},
+    "ia3": {"target_modules": None, "feedforward_modules": None},
+    "adapter": {"bottleneck": 64, "placement": ("attention", "ffn"), "non_linearity": "relu", "init_scale": 0.001,
+                "train_norms": True, "layers": None},
+    "prompt": {"num_virtual_tokens": 20, "init": "random", "init_text": None, "train_head": False},
+    "prefix": {"num_virtual_tokens": 20, "reparametrize": True, "hidden_size": 512, "embedding_dim": None,
+               "train_head": False},
+}  # fmt: skip
+
+
+def test_the_defaults_behind_notebook_02s_record_are_unchanged():
+    base = models.meta_model(NOTEBOOK_02["architecture"])
+    for row in NOTEBOOK_02["saved_for_backward"]["rows"]:
+        if row["lora"] is None:
+            method = row["peftlab_method"]
+            assert dataclasses.asdict(default_config(method, base)) == DEFAULTS_OF_THE_RUN[method], row["method"]
