@@ -2,11 +2,12 @@
 close to what the GPU measured. A change to peftlab.memory that breaks its accuracy fails here, not on a GPU.
 
 Sources: ``benchmarks/results/memory_accuracy.json`` (peaks over AdamW/SGD steps and the bytes saved for backward,
-27 rows, H100) and notebook 02's
-full run, ``notebooks/results/02_full.json`` (bytes saved for backward by nine methods, H100)."""
+27 rows, H100) and notebook 02's full run, ``notebooks/results/02_full.json`` (bytes saved for backward by nine
+methods, H100)."""
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from peftlab import memory, models
 from peftlab.methods import apply_method, default_config, lora
 
 REPO = Path(__file__).resolve().parents[1]
-BENCHMARK = json.loads((REPO / "benchmarks" / "results" / "memory_accuracy.json").read_text())
+sys.path.insert(0, str(REPO / "benchmarks"))
+from memory_accuracy import ESTIMATED, RESULTS  # noqa: E402  (the benchmark's own row settings and results file)
+
+BENCHMARK = json.loads(RESULTS.read_text())
 NOTEBOOK_02 = json.loads((REPO / "notebooks" / "results" / "02_full.json").read_text())
-#: The settings of a benchmark row that the estimate takes (benchmarks/memory_accuracy.py: ESTIMATED).
-ESTIMATED = ("method", "batch_size", "seq_len", "precision", "optimizer", "grad_checkpointing", "attn_implementation")
 MiB = 2**20
 
 

@@ -213,8 +213,9 @@ def apply(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
     if adalora_layers(model):
         raise ValueError("AdaLoRA is already applied to this model: apply it once (load a fresh model to start over).")
     # LoRA's choice of layers and heads, with its errors (no match, not linear, a head that is also a target).
-    targets = lora._targets(model, config.as_lora_config())
-    heads = lora._modules_to_save(model, config.as_lora_config())
+    selection = config.as_lora_config()
+    targets = lora._targets(model, selection)
+    heads = lora._modules_to_save(model, selection)
     for name, layer in targets.items():
         in_features, out_features = lora._in_out(layer)
         if config.init_r > min(in_features, out_features):
