@@ -17,13 +17,15 @@ Trainable: ``L·2·n·d_kv`` for ``L`` layers.
   Across Scales and Tasks", arXiv:2110.07602): the same *deep prompts* without reparametrisation, with a trainable
   linear classification head on the encoder (no verbalizer).
 
-How the prefix gets in (transformers 5, as peft 0.21 does): it is the model's KV cache. ``past_key_values`` is a
+How the prefix gets in (transformers 5, as peft 0.21 does): it is the model's KV cache, a
 ``transformers.DynamicCache`` holding per layer a key and a value of shape ``(batch, n_kv_heads, n, head_dim)``
 (grouped-query attention stores ``n_kv_heads < n_heads`` heads); every forward gets a fresh cache, since the model
-appends the real keys to it. The attention mask gets ``n`` ones in front; the labels stay as they are (the virtual
-tokens are not in the sequence, the logits have ``T`` positions). The model numbers the real tokens from ``n`` (it
-reads the cache length): Llama's rotary positions start at ``n`` (the prefix keys themselves are not rotated),
-BERT's and GPT-2's learned positions start at ``n`` too, which leaves ``n`` fewer of them for the text.
+appends the real keys to it. The cache's keyword is ``cache`` from transformers 5.24 on and ``past_key_values``
+before (:func:`peftlab.compat.cache_keyword` reads it from the model's signature). The attention mask gets ``n``
+ones in front; the labels stay as they are (the virtual tokens are not in the sequence, the logits have ``T``
+positions). The model numbers the real tokens from ``n`` (it reads the cache length): Llama's rotary positions
+start at ``n`` (the prefix keys themselves are not rotated), BERT's and GPT-2's learned positions start at ``n``
+too, which leaves ``n`` fewer of them for the text.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from peftlab import compat
 from peftlab.methods.prompt import check_base, check_positions, freeze
 
 #: ``model_type`` of the families whose attention reads a prefix from a DynamicCache (tested against peft 0.21).
@@ -147,7 +150,7 @@ class PrefixEncoder(nn.Module):
 
 
 class PrefixTunedModel(nn.Module):
-    """A frozen model whose every attention layer also reads the prefix (fed as ``past_key_values``)."""
+    """A frozen model whose every attention layer also reads the prefix (fed as the model's KV cache)."""
 
     def __init__(self, base_model: PreTrainedModel, prefix_encoder: PrefixEncoder, shape: KVShape):
         super().__init__()
@@ -187,7 +190,7 @@ class PrefixTunedModel(nn.Module):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             labels=labels,
-            past_key_values=self.past_key_values(batch),
+            **{compat.cache_keyword(self.base_model): self.past_key_values(batch)},
             **kwargs,
         )
 
@@ -201,6 +204,7 @@ def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config) 
         raise TypeError(f"prefix.apply takes PrefixTuningConfig or PTuningV2Config, got {type(config).__name__}.")
     check_base(model, "prefix.apply")
     shape = kv_shape(model.config)
+    compat.cache_keyword(model)  # raises, before anything changes, for a model that takes no KV cache
     if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
         raise ValueError("The prefix travels in the KV cache, which gradient checkpointing drops: turn it off first.")
     reparametrize = isinstance(config, PrefixTuningConfig) and config.reparametrize
