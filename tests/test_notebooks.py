@@ -1,12 +1,16 @@
 """The notebooks as files: clean in git, on the template, listed in the README. (nbval runs them.)"""
 
 import json
+import os
 import re
 import sys
+import types
 from pathlib import Path
 
 import nbformat
 import pytest
+import torch
+from IPython.core.inputtransformer2 import TransformerManager
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
@@ -31,14 +35,58 @@ def test_notebook_follows_the_template(path):
     notebook = nbformat.read(path, as_version=4)
     title = notebook.cells[0]
     assert title.cell_type == "markdown" and title.source.startswith(f"# {path.name[:2]} · ")
-    badge = f"https://colab.research.google.com/github/peftlab/peftlab/blob/main/notebooks/{path.name}"
-    assert badge in title.source, "the Colab badge must open this very notebook"
     assert "What you will learn" in title.source and "| smoke |" in title.source
-    setup = next(cell for cell in notebook.cells if cell.cell_type == "code")
-    assert 'if "google.colab" in sys.modules:' in setup.source, "installs only on Colab"
+    setup = notebook_tools.setup_cell(notebook)
     assert "env.setup(" in setup.source
     text = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "markdown")
     assert "## Summary" in text and "Exercises" in text
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_the_colab_badge_and_install_are_stamped_from_the_one_address(path):
+    """The badge opens this very notebook at the release the setup cell installs, both from pyproject.toml."""
+    notebook = nbformat.read(path, as_version=4)
+    repository, tag = notebook_tools.release()
+    assert notebook_tools.colab_badge(path.name) in notebook.cells[0].source, "run: python tools/notebooks.py stamp"
+    assert f"github/{repository}/blob/{tag}/notebooks/{path.name}" in notebook.cells[0].source
+    assert notebook_tools.setup_cell(notebook).source.startswith(notebook_tools.colab_setup())
+
+
+class RecordingShell:
+    """Stands in for IPython on Colab: records each ``!command`` instead of running it."""
+
+    def __init__(self):
+        self.commands: list[str] = []
+
+    def system(self, command: str) -> None:
+        self.commands.append(command)
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+def test_on_colab_the_first_cell_installs_the_release_and_turns_downloads_on(path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # Colab's GPU: the auto profile picks full
+    monkeypatch.setenv("PEFTLAB_DEVICE", "cpu")  # ... while the cell really runs here, on the CPU
+    monkeypatch.setenv("PEFTLAB_DOWNLOAD", "0")  # restored after the test
+    monkeypatch.delenv("PEFTLAB_PROFILE", raising=False)
+    shell = RecordingShell()
+    source = notebook_tools.setup_cell(nbformat.read(path, as_version=4)).source
+    namespace = {"get_ipython": lambda: shell}
+    exec(TransformerManager().transform_cell(source), namespace)
+    repository, tag = notebook_tools.release()
+    assert shell.commands == [
+        f'pip install -q --no-deps "peftlab @ git+https://github.com/{repository}@{tag}"',
+        "python -m peftlab.install colab",
+    ]
+    assert os.environ["PEFTLAB_DOWNLOAD"] == "1" and namespace["run"].profile == "full"
+
+
+def test_off_colab_the_first_cell_installs_nothing(monkeypatch):
+    monkeypatch.delitem(sys.modules, "google.colab", raising=False)
+    shell = RecordingShell()
+    source = notebook_tools.setup_cell(nbformat.read(NOTEBOOKS[0], as_version=4)).source
+    exec(TransformerManager().transform_cell(source), {"get_ipython": lambda: shell})
+    assert shell.commands == []
 
 
 def test_readme_indexes_every_notebook():

@@ -3,17 +3,25 @@
     python tools/notebooks.py clean notebooks/*.ipynb   strip what git should not hold
     python tools/notebooks.py run   notebooks/*.ipynb   execute (profile from PEFTLAB_PROFILE), then clean
     python tools/notebooks.py check notebooks/*.ipynb   list what is not clean (exit 1 if anything)
+    python tools/notebooks.py stamp notebooks/*.ipynb   write each Colab badge and Colab install from pyproject.toml
 
 Clean means: no cell metadata but tags, notebook metadata reduced to the kernel and the language, and outputs
 only in cells marked ``# NBVAL_CHECK_OUTPUT`` (the cells nbval compares; their stderr is dropped, since it holds
 warnings that vary between machines). No execution counts, with one exception that nbval forces: it compares a
 cell only when the stored cell has an execution count, so a checked cell carries a fixed one, its position among
 the code cells (1, 2, ...). Re-running a notebook therefore never changes its file unless its content changed.
+
+Where the workbook is published is written in one place, ``[project.urls] Repository`` in pyproject.toml; the
+release is ``v<version>``. ``stamp`` writes both into every notebook: the *Open in Colab* badge of the title cell
+(this notebook, at that release) and the Colab-only lines of the setup cell (peftlab at that release, its tested
+dependencies, the two base models, downloads of the public data sets on).
 """
 
 from __future__ import annotations
 
+import re
 import sys
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -21,6 +29,55 @@ import nbformat
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 CLEAN_METADATA = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
+REPO = Path(__file__).resolve().parents[1]
+BADGE = re.compile(r"\[!\[Open In Colab\]\([^)]*\)\]\([^)]*\)")
+SETUP_END = "from peftlab import env"
+
+
+def release() -> tuple[str, str]:
+    """``(owner/name, tag)``: where the workbook is published on GitHub, and the release the notebooks install."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    repository = project["urls"]["Repository"].removeprefix("https://github.com/").strip("/")
+    return repository, f"v{project['version']}"
+
+
+def colab_badge(notebook_name: str) -> str:
+    """The badge that opens this notebook on Colab, at the release the setup cell installs."""
+    repository, tag = release()
+    link = f"https://colab.research.google.com/github/{repository}/blob/{tag}/notebooks/{notebook_name}"
+    return f"[![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)]({link})"
+
+
+def colab_setup() -> str:
+    """The start of every setup cell, up to ``from peftlab import env``: what runs on Colab only."""
+    repository, tag = release()
+    return f"""import os
+import sys
+
+if "google.colab" in sys.modules:  # on Colab only: peftlab at its release, its tested dependencies, the base models
+    !pip install -q --no-deps "peftlab @ git+https://github.com/{repository}@{tag}"
+    !python -m peftlab.install colab
+    os.environ["PEFTLAB_DOWNLOAD"] = "1"  # the full profile (auto on Colab's GPU) downloads the public data sets
+
+"""
+
+
+def setup_cell(notebook):
+    """The first code cell: it installs on Colab, then calls ``env.setup``."""
+    return next(cell for cell in notebook.cells if cell.cell_type == "code")
+
+
+def stamp(notebook, notebook_name: str):
+    """Write the Colab badge and the Colab lines of the setup cell from pyproject.toml (see the module docstring)."""
+    title = notebook.cells[0]
+    if not BADGE.search(title.source):
+        raise ValueError(f"{notebook_name}: the title cell has no Open in Colab badge to stamp")
+    title.source = BADGE.sub(lambda _: colab_badge(notebook_name), title.source, count=1)
+    setup = setup_cell(notebook)
+    if SETUP_END not in setup.source:
+        raise ValueError(f"{notebook_name}: the first code cell has no line {SETUP_END!r}")
+    setup.source = colab_setup() + setup.source[setup.source.index(SETUP_END) :]
+    return notebook
 
 
 def is_checked(cell) -> bool:
@@ -94,7 +151,7 @@ def run(path: Path) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("clean", "run", "check"):
+    if len(argv) < 2 or argv[0] not in ("clean", "run", "check", "stamp"):
         print(__doc__, file=sys.stderr)
         return 2
     command, paths = argv[0], [Path(p) for p in argv[1:]]
@@ -105,6 +162,8 @@ def main(argv: list[str]) -> int:
             run(path)
         elif command == "clean":
             nbformat.write(clean(nbformat.read(path, as_version=4)), path)
+        elif command == "stamp":
+            nbformat.write(clean(stamp(nbformat.read(path, as_version=4), path.name)), path)
         else:
             for problem in problems(nbformat.read(path, as_version=4)):
                 print(f"{path}: {problem}")
