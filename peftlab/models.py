@@ -32,6 +32,7 @@ from transformers import (
     BertConfig,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -237,54 +238,27 @@ def load_causal_lm(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Families: the module layouts the methods know
-# ----------------------------------------------------------------------------------------------------------------
-#: ``model_type`` → family. Qwen2 and Mistral name their modules as Llama does.
-FAMILIES = {"llama": "llama", "qwen2": "llama", "mistral": "llama", "gpt2": "gpt2", "bert": "bert"}
-
-
-def family(model_or_config: nn.Module | PretrainedConfig, needed_by: str = "peftlab") -> str:
-    """``"llama"``, ``"gpt2"`` or ``"bert"``: the module layout of a transformers model, from its ``model_type``."""
-    config = (
-        model_or_config if isinstance(model_or_config, PretrainedConfig) else getattr(model_or_config, "config", None)
-    )
-    model_type = getattr(config, "model_type", None)
-    if model_type not in FAMILIES:
-        raise ValueError(
-            f"{needed_by} knows the module layout of {', '.join(sorted(FAMILIES))} models, not of "
-            f"{type(model_or_config).__name__} (model_type {model_type!r})."
-        )
-    return FAMILIES[model_type]
-
-
-#: The list of transformer blocks, per family (``model.layers``, ``transformer.h``, ``bert.encoder.layer``).
-BLOCK_LISTS = {"llama": "layers", "gpt2": "h", "bert": "encoder.layer"}
-
-
-def transformer_blocks(model: nn.Module, needed_by: str = "peftlab") -> tuple[str, nn.ModuleList]:
-    """The full name and the ``ModuleList`` of a model's transformer blocks (under any task head or wrapper)."""
-    suffix = BLOCK_LISTS[family(model, needed_by)]
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and (name == suffix or name.endswith(f".{suffix}")):
-            return name, module
-    raise ValueError(f"No list of transformer blocks '...{suffix}' in {type(model).__name__}.")
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Tiny random-init models for fast tests
 # ----------------------------------------------------------------------------------------------------------------
+TINY_ARCHITECTURES = ("llama", "qwen2", "mistral", "gpt2", "bert")
+
+
 def tiny_config(arch: str) -> PretrainedConfig:
-    """A 2-layer, 32-wide config of a family (``"llama"``, ``"gpt2"``, ``"bert"``), for tests in milliseconds.
+    """A 2-layer, 32-wide config of an architecture (see :data:`TINY_ARCHITECTURES`), for tests in milliseconds.
 
     ``llama`` keeps today's features: grouped-query attention (4 heads, 2 KV heads), SwiGLU, RMSNorm, tied
-    embeddings. Dropout is off, so that a training step is a deterministic function of the batch.
+    embeddings. ``qwen2`` and ``mistral`` have Llama's layout and sizes; Qwen2 adds biases to q, k and v. Dropout is
+    off, so that a training step is a deterministic function of the batch.
     """
     common = {"vocab_size": 128}
+    decoder = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 128, "pad_token_id": 0, **common}  # fmt: skip
     if arch == "llama":
-        return LlamaConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=128, tie_word_embeddings=True, pad_token_id=0, **common,
-        )  # fmt: skip
+        return LlamaConfig(tie_word_embeddings=True, **decoder)
+    if arch == "qwen2":
+        return Qwen2Config(tie_word_embeddings=False, **decoder)
+    if arch == "mistral":
+        return MistralConfig(tie_word_embeddings=False, sliding_window=None, **decoder)
     if arch == "gpt2":
         return GPT2Config(
             n_embd=32,
@@ -305,7 +279,7 @@ def tiny_config(arch: str) -> PretrainedConfig:
             max_position_embeddings=128, pad_token_id=0, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
             **common,
         )  # fmt: skip
-    raise ModelNotFoundError(f"Unknown tiny architecture {arch!r}; use one of 'llama', 'gpt2', 'bert'.")
+    raise ModelNotFoundError(f"Unknown tiny architecture {arch!r}; use one of {', '.join(TINY_ARCHITECTURES)}.")
 
 
 TASKS = ("base", "causal_lm", "classification")

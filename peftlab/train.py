@@ -5,8 +5,10 @@ require gradients, with warm-up and a linear or cosine schedule, gradient accumu
 precision on a GPU (bf16 where the GPU has it, else fp16 with loss scaling), periodic evaluation, a progress bar,
 and returns a :class:`History`: losses, learning rates, evaluations, seconds per step and peak GPU memory.
 
-The model must return an object with ``.loss`` when called as ``model(**batch)`` (every transformers model does
-when the batch holds ``labels``).
+The loss is ``model(**batch).loss`` (every transformers model returns it when the batch holds ``labels``), or
+whatever ``loss_fn(model, batch) -> (loss, {name: value})`` computes: DPO's objective, AdaLoRA's loss with its
+orthogonality term. A method that needs more from the loop (AdaLoRA's rank allocator after every step, LoRA+'s
+optimizer) says so in the method registry, and the loop asks it (:func:`peftlab.methods.training_hooks`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 from tqdm.auto import tqdm
+
+from peftlab.methods.hooks import LossFn
 
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
@@ -65,11 +69,13 @@ class History:
     losses: list[float] = field(default_factory=list)
     learning_rates: list[float] = field(default_factory=list)
     evaluations: list[dict] = field(default_factory=list)  # {"step": n, metric: value, ...}
+    metrics: dict[str, list[float]] = field(default_factory=dict)  # what loss_fn logged, per step
     step_seconds: list[float] = field(default_factory=list)
     total_seconds: float = 0.0
     peak_memory_bytes: int | None = None  # max_memory_allocated on CUDA; None on other devices
     device: str = ""
     trainable_parameters: int = 0
+    method_state: object = None  # what the method kept while training (AdaLoRA: its RankAllocator)
 
     @property
     def seconds_per_step(self) -> float:
@@ -143,14 +149,19 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
+def model_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+    """The default ``loss_fn``: the model's own loss, nothing else logged."""
+    return model(**batch).loss, {}
+
+
 def train(
     model: nn.Module,
     loader: Iterable[dict],
     config: TrainConfig,
     *,
     evaluate: Callable[[nn.Module], dict] | None = None,
+    loss_fn: LossFn | None = None,
     optimizer: torch.optim.Optimizer | None = None,
-    regulariser: Callable[[nn.Module], torch.Tensor] | None = None,
     after_step: Callable[[nn.Module, int], None] | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
@@ -159,19 +170,26 @@ def train(
     """Train ``model`` for ``config.max_steps`` optimizer steps and return what was measured.
 
     ``evaluate(model) -> {"metric": value}`` runs every ``config.eval_every`` steps and at the end (in eval mode,
-    without gradients). ``optimizer`` replaces the default AdamW (e.g. LoRA+ parameter groups); the schedule
-    scales each group's own learning rate. Two hooks serve methods that do more than descend a loss (AdaLoRA):
-    ``regulariser(model)`` is added to the loss that is differentiated (the history records the task loss), and
-    ``after_step(model, step)`` runs after each optimizer step, before the gradients are cleared (step from 1).
+    without gradients). ``loss_fn(model, batch) -> (loss, metrics)`` replaces ``model(**batch).loss``; its metrics
+    are averaged over the accumulated micro-batches, recorded in ``History.metrics`` and shown on the progress bar.
+    ``optimizer`` replaces the default AdamW (e.g. LoRA+ parameter groups); the schedule scales each group's own
+    learning rate. ``after_step(model, step)`` runs after each optimizer step, before the gradients are cleared
+    (step from 1). What is not given comes from the method the model carries (:func:`peftlab.methods.training_hooks`).
     """
+    from peftlab.methods import training_hooks  # the registry knows what each method needs from the loop
+
+    hooks = training_hooks(model, config)
+    loss_fn = loss_fn or hooks.loss_fn or model_loss
+    after_step = after_step or hooks.after_step
     device = torch.device(device) if device is not None else next(model.parameters()).device
     model.to(device)
-    optimizer = optimizer or make_adamw(model, config)
+    optimizer = optimizer or (hooks.optimizer(model) if hooks.optimizer else make_adamw(model, config))
     base_rates = [group["lr"] for group in optimizer.param_groups]
     dtype = autocast_dtype(config, device)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     params = trainable_parameters(model)
-    history = History(device=str(device), trainable_parameters=sum(p.numel() for p in params))
+    history = History(device=str(device), trainable_parameters=sum(p.numel() for p in params),
+                      method_state=hooks.state)  # fmt: skip
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -190,14 +208,15 @@ def train(
         factor = learning_rate_factor(step, config)
         for group, base in zip(optimizer.param_groups, base_rates, strict=True):
             group["lr"] = base * factor
-        loss_sum = 0.0
+        loss_sum, logged = 0.0, {}
         for _ in range(config.grad_accum_steps):
             batch = to_device(next(batches), device)
             with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                loss = model(**batch).loss / config.grad_accum_steps
+                loss, metrics = loss_fn(model, batch)
+            loss = loss / config.grad_accum_steps
             loss_sum += loss.item()
-            if regulariser is not None:
-                loss = loss + regulariser(model) / config.grad_accum_steps
+            for name, value in metrics.items():
+                logged[name] = logged.get(name, 0.0) + value / config.grad_accum_steps
             (scaler.scale(loss) if scaler else loss).backward()
         if scaler:
             scaler.unscale_(optimizer)
@@ -217,7 +236,9 @@ def train(
         history.steps.append(step + 1)
         history.losses.append(loss_sum)
         history.learning_rates.append(optimizer.param_groups[0]["lr"])
-        bar.set_postfix(loss=f"{loss_sum:.4f}")
+        for name, value in logged.items():
+            history.metrics.setdefault(name, []).append(value)
+        bar.set_postfix(loss=f"{loss_sum:.4f}", **{name: f"{value:.4g}" for name, value in logged.items()})
         if evaluate and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
             run_evaluation(step + 1)
     if evaluate:

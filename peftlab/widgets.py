@@ -28,22 +28,13 @@ import pandas as pd
 from torch import nn
 
 from peftlab import memory, models
-from peftlab.methods import LORA_TARGETS, METHOD_NAMES, apply_method, default_config, lora
+from peftlab.families import family_of
+from peftlab.methods import METHOD_NAMES, REGISTRY, apply_method, default_config
+from peftlab.methods.targets import ALL_LINEAR
 from peftlab.params import ParameterCount, count_parameters, summary_by_kind
 
-#: The knobs each method takes (fields of its config); the explorers show the sliders of the chosen method only.
-KNOBS: dict[str, tuple[str, ...]] = {
-    "full": (),
-    "freeze": ("trainable_layers",),
-    "bitfit": (),
-    "prompt": ("num_virtual_tokens",),
-    "ptuning": ("num_virtual_tokens",),
-    "prefix": ("num_virtual_tokens",),
-    "adapter": ("bottleneck",),
-    "lora": ("r", "alpha", "target_modules"),
-    "qlora": ("r", "alpha", "target_modules"),
-    "ia3": (),
-}
+#: The knobs each method takes (from the registry); the explorers show the sliders of the chosen method only.
+KNOBS: dict[str, tuple[str, ...]] = {name: tuple(entry.knobs) for name, entry in REGISTRY.items()}
 #: Readable choices of LoRA's ``target_modules``: the family's query and value projections, or every linear layer.
 TARGET_CHOICES = ("attention q,v", "all linear")
 #: The explorers' target dropdown also offers the method's own default (LoRA: q,v; QLoRA: all linear).
@@ -55,6 +46,9 @@ SEQ_LENS = tuple(2**i for i in range(7, 14))  # 128 … 8192
 #: Errors that mean "this combination does not work", shown as a sentence; anything else is a bug.
 EXPECTED_ERRORS = (ValueError, NotImplementedError, LookupError)
 GIB = 2**30
+#: The knobs' controls, laid out in rows (alpha is a knob of the pure functions, not a control).
+KNOB_ROWS = [["r", "target_modules", "threshold"], ["num_virtual_tokens", "bottleneck", "trainable_layers"]]
+KNOB_CONTROLS = [name for row in KNOB_ROWS for name in row]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -63,30 +57,24 @@ GIB = 2**30
 def _lora_targets(value, model: nn.Module):
     """``"attention q,v"`` → the family's default targets, ``"all linear"`` → ``"all-linear"``; else as given."""
     if value == "attention q,v":
-        return LORA_TARGETS[models.family(model, needed_by="LoRA's targets")]
+        return family_of(model, needed_by="LoRA's targets").lora_targets
     if value == "all linear":
-        return lora.ALL_LINEAR
+        return ALL_LINEAR
     return value
 
 
 def method_config(method: str, model: nn.Module, **knobs):
     """The config of ``method`` for ``model`` (:func:`peftlab.methods.default_config`) with ``knobs`` applied.
 
-    Knobs (see ``KNOBS``): LoRA and QLoRA ``r``, ``alpha``, ``target_modules`` (``"attention q,v"``, ``"all
-    linear"``, or what :class:`~peftlab.methods.lora.LoRAConfig` takes); prompt tuning, P-tuning and prefix tuning
-    ``num_virtual_tokens``; adapters ``bottleneck``; Freeze ``trainable_layers``; full, BitFit and (IA)³ none. A
-    knob set to ``None`` keeps the default.
+    The knobs of each method are the registry's (``KNOBS``): the LoRA family ``r``, ``alpha``, ``target_modules``
+    (``"attention q,v"``, ``"all linear"``, or what :class:`~peftlab.methods.lora.LoRAConfig` takes), LoRA-drop's
+    ``threshold``; the soft prompts and prefixes ``num_virtual_tokens``; adapters ``bottleneck``; Freeze
+    ``trainable_layers``. A knob set to ``None`` keeps the default.
     """
     config = default_config(method, model)  # checks the method's name
-    allowed = KNOBS[method]
-    unknown = sorted(set(knobs) - set(allowed))
-    if unknown:
-        takes = f"the knobs {', '.join(allowed)}" if allowed else "no knobs"
-        raise ValueError(f"Unknown knob(s) {', '.join(unknown)} for {method!r}: it takes {takes}.")
-    changes = {name: value for name, value in knobs.items() if value is not None}
-    if "target_modules" in changes:
-        changes["target_modules"] = _lora_targets(changes["target_modules"], model)
-    return dataclasses.replace(config, **changes) if changes else config
+    if knobs.get("target_modules") is not None:
+        knobs = {**knobs, "target_modules": _lora_targets(knobs["target_modules"], model)}
+    return REGISTRY[method].configure(config, **knobs)
 
 
 @functools.cache
@@ -145,30 +133,13 @@ def plot_parameters(report: ParameterReport, ax=None):
     return ax
 
 
-def vram_report(
-    architecture: str,
-    method: str,
-    batch_size: int = 1,
-    seq_len: int = 512,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    grad_checkpointing: bool = False,
-    attn_implementation: str = "sdpa",
-    **knobs,
-) -> memory.MemoryEstimate:
-    """:func:`peftlab.memory.estimate` of ``method`` (with ``knobs``, see :func:`method_config`) on ``architecture``."""
-    config = method_config(method, _meta_model(architecture), **knobs)
-    return memory.estimate(
-        architecture,
-        method,
-        config,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        precision=precision,
-        optimizer=optimizer,
-        grad_checkpointing=grad_checkpointing,
-        attn_implementation=attn_implementation,
-    )
+def vram_report(architecture: str, setup: memory.Setup, **knobs) -> memory.MemoryEstimate:
+    """:func:`peftlab.memory.estimate` of ``setup`` on ``architecture``, the method's config with ``knobs`` applied
+    (see :func:`method_config`; a config in ``setup`` itself is refused: give knobs)."""
+    if setup.method_config is not None:
+        raise ValueError("vram_report makes the config from the knobs: leave setup.method_config at None.")
+    config = method_config(setup.method, _meta_model(architecture), **knobs)
+    return memory.estimate(architecture, dataclasses.replace(setup, method_config=config))
 
 
 def usable_gib(gpu: str, cuda_context: int = memory.CUDA_CONTEXT_BYTES) -> float:
@@ -246,7 +217,7 @@ _STYLE = {"description_width": "initial"}
 
 
 def _knob_controls(architecture: str, knobs: dict) -> dict[str, widgets.Widget]:
-    known = sorted({name for names in KNOBS.values() for name in names} - {"alpha"})
+    known = sorted(KNOB_CONTROLS)
     unknown = sorted(set(knobs) - set(known))
     if unknown:
         raise ValueError(f"Unknown knob(s) {', '.join(unknown)}; the explorers have {', '.join(known)}.")
@@ -270,6 +241,14 @@ def _knob_controls(architecture: str, knobs: dict) -> dict[str, widgets.Widget]:
             min=0,
             max=layers,
             description="Freeze: trained blocks",
+            style=_STYLE,
+        ),
+        "threshold": widgets.FloatSlider(
+            value=knobs.get("threshold", 0.9),
+            min=0.05,
+            max=1.0,
+            step=0.05,
+            description="LoRA-drop: kept share",
             style=_STYLE,
         ),
     }
@@ -310,7 +289,7 @@ class Explorer(widgets.VBox):
 
     def _show_knobs(self) -> None:
         wanted = KNOBS[self.controls["method"].value]
-        for name in ("r", "target_modules", "num_virtual_tokens", "bottleneck", "trainable_layers"):
+        for name in KNOB_CONTROLS:
             if name in self.controls:
                 self.controls[name].layout.display = None if name in wanted else "none"
 
@@ -374,11 +353,7 @@ def parameter_explorer(architecture: str = "smollm2-135m", method: str = "lora",
         "method": widgets.Dropdown(options=METHOD_NAMES, value=method, description="method", style=_STYLE),
         **_knob_controls(architecture, knobs),
     }
-    rows = [
-        ["architecture", "method"],
-        ["r", "target_modules"],
-        ["num_virtual_tokens", "bottleneck", "trainable_layers"],
-    ]
+    rows = [["architecture", "method"], *KNOB_ROWS]
 
     def compute(explorer: Explorer) -> ParameterReport:
         c = explorer.controls
@@ -397,55 +372,47 @@ def _vram_summary(explorer: Explorer) -> str:
     )
 
 
-def vram_explorer(
-    architecture: str = "llama-3-8b",
-    method: str = "lora",
-    batch_size: int = 4,
-    seq_len: int = 512,
-    precision: str = "bf16-mixed",
-    optimizer: str = "adamw",
-    grad_checkpointing: bool = False,
-    attn_implementation: str = "sdpa",
-    **knobs,
-) -> Explorer:
-    """The controls of :func:`parameter_explorer` plus batch size, sequence length, precision, optimizer,
-    activation checkpointing and attention kernel; shows :func:`fit_summary` and :func:`plot_vram`."""
+#: The explorer's default training setup: LoRA at batch 4 × 512 tokens, bf16-mixed, AdamW.
+DEFAULT_SETUP = memory.Setup(method="lora", batch_size=4)
+
+
+def vram_explorer(architecture: str = "llama-3-8b", setup: memory.Setup = DEFAULT_SETUP, **knobs) -> Explorer:
+    """The controls of :func:`parameter_explorer` plus one per field of ``setup`` (batch size, sequence length,
+    precision, optimizer, activation checkpointing, attention kernel), starting from ``setup``; shows
+    :func:`fit_summary` and :func:`plot_vram`."""
     controls = {
         "architecture": widgets.Dropdown(
             options=list(models.ARCHITECTURES), value=architecture, description="architecture", style=_STYLE
         ),
-        "method": widgets.Dropdown(options=METHOD_NAMES, value=method, description="method", style=_STYLE),
+        "method": widgets.Dropdown(options=METHOD_NAMES, value=setup.method, description="method", style=_STYLE),
         **_knob_controls(architecture, knobs),
-        "batch_size": widgets.SelectionSlider(options=BATCH_SIZES, value=batch_size, description="batch", style=_STYLE),
+        "batch_size": widgets.SelectionSlider(
+            options=BATCH_SIZES, value=setup.batch_size, description="batch", style=_STYLE
+        ),
         "seq_len": widgets.SelectionSlider(
-            options=SEQ_LENS, value=seq_len, description="sequence length", style=_STYLE
+            options=SEQ_LENS, value=setup.seq_len, description="sequence length", style=_STYLE
         ),
         "precision": widgets.Dropdown(
-            options=memory.PRECISIONS, value=precision, description="precision", style=_STYLE
+            options=memory.PRECISIONS, value=setup.precision, description="precision", style=_STYLE
         ),
         "optimizer": widgets.Dropdown(
-            options=memory.OPTIMIZERS, value=optimizer, description="optimizer", style=_STYLE
+            options=memory.OPTIMIZERS, value=setup.optimizer, description="optimizer", style=_STYLE
         ),
         "attn_implementation": widgets.Dropdown(
-            options=memory.ATTENTION, value=attn_implementation, description="attention", style=_STYLE
+            options=memory.ATTENTION, value=setup.attn_implementation, description="attention", style=_STYLE
         ),
         "grad_checkpointing": widgets.Checkbox(
-            value=grad_checkpointing, description="activation checkpointing", style=_STYLE
+            value=setup.grad_checkpointing, description="activation checkpointing", style=_STYLE
         ),
     }
-    rows = [
-        ["architecture", "method"],
-        ["r", "target_modules"],
-        ["num_virtual_tokens", "bottleneck", "trainable_layers"],
-        ["batch_size", "seq_len"],
-        ["precision", "optimizer", "attn_implementation", "grad_checkpointing"],
-    ]
-    settings = ("batch_size", "seq_len", "precision", "optimizer", "grad_checkpointing", "attn_implementation")
+    settings = [name for name in setup.settings() if name in controls and name != "method"]
+    rows = [["architecture", "method"], *KNOB_ROWS, settings[:2], settings[2:]]
 
     def compute(explorer: Explorer) -> memory.MemoryEstimate:
         c = explorer.controls
+        chosen = {name: c[name].value for name in settings}
         return vram_report(
-            c["architecture"].value, c["method"].value, **{name: c[name].value for name in settings}, **explorer.knobs()
+            c["architecture"].value, memory.Setup(method=c["method"].value, **chosen), **explorer.knobs()
         )
 
     return Explorer(controls, rows, compute, _vram_summary, lambda e, ax: plot_vram(e.result, ax=ax))

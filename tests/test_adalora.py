@@ -70,7 +70,8 @@ def test_same_P_lambda_Q_give_the_outputs_of_peft():
 
 def test_training_loss_with_the_orthogonality_term_is_peft_loss():
     """peft adds γ · R to the loss inside its forward pass (only with a task_type: a plain ``PeftModel`` calls the
-    transformers model directly and the term is silently left out); here it is added by hand, or by train_adalora."""
+    transformers model directly and the term is silently left out); here it is added by hand,
+    or by the training loop (the registry's hooks)."""
     ours, theirs = peft_twin(CONFIG)
     batch = token_batch(ours)
     with torch.no_grad():
@@ -154,9 +155,10 @@ def test_a_short_run_ends_at_the_target_budget_with_ranks_that_differ_across_lay
                            target_modules=ALL_LINEAR_LLAMA)  # fmt: skip
     model = adalora.apply(models.tiny_model("llama"), config)
     batches = [token_batch(model, seed=seed) for seed in range(4)]
-    history, allocator = adalora.train_adalora(
-        model, batches, train.TrainConfig(max_steps=40, learning_rate=1e-2, schedule="constant")
-    )
+    history = train.train(
+        model, batches, train.TrainConfig(max_steps=40, learning_rate=1e-2, schedule="constant"), progress=False
+    )  # the registry gives the loop AdaLoRA's loss and its rank allocator
+    allocator = history.method_state
     kept = adalora.ranks(model)
     print("ranks after AdaLoRA:", {name.removeprefix("model.layers."): r for name, r in kept.items()})
     assert sum(kept.values()) == allocator.budget(40)[0] == 3 * 14  # target_r × adapted layers
@@ -164,6 +166,10 @@ def test_a_short_run_ends_at_the_target_budget_with_ranks_that_differ_across_lay
     for name, layer in adalora.adalora_layers(model).items():  # the dropped triplets are zero, the kept ones not
         assert int(layer.lora_lambda.count_nonzero()) == kept[name]
     assert history.losses[-1] < history.losses[0]
+    task, orthogonality = history.metrics["task_loss"], history.metrics["orthogonality"]
+    assert history.losses == pytest.approx(
+        [t + config.orth_reg_weight * o for t, o in zip(task, orthogonality, strict=True)]
+    )
 
 
 def test_the_budget_falls_on_schedule_and_the_final_choice_is_fixed():
@@ -199,7 +205,7 @@ def test_same_start_same_data_same_choices_as_peft_on_this_run():
                 param.zero_()  # λ = 0 at the start, as both initialise it
     batches = [token_batch(ours, seed=seed) for seed in range(4)]
     train_config = train.TrainConfig(max_steps=40, learning_rate=1e-2, schedule="constant", max_grad_norm=None)
-    adalora.train_adalora(ours, batches, train_config)
+    train.train(ours, batches, train_config, progress=False)
     optimizer = torch.optim.AdamW([p for p in theirs.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.0)
     theirs.train()
     for step in range(1, 41):
@@ -247,7 +253,7 @@ def test_bad_use_is_refused():
     with pytest.raises(ValueError, match=r"init_r=20 is larger than the layer model\.layers\.0\.self_attn\.k_proj"):
         adalora.apply(models.tiny_model("llama"), AdaLoRAConfig(init_r=20, total_steps=10, target_modules=("k_proj",)))
     with pytest.raises(ValueError, match=r"max_steps=5 but AdaLoRAConfig\.total_steps=20: .* make the two equal"):
-        adalora.train_adalora(model, [token_batch(model)], train.TrainConfig(max_steps=5))
+        train.train(model, [token_batch(model)], train.TrainConfig(max_steps=5), progress=False)
     with pytest.raises(ValueError, match=r"no AdaLoRA layers: call adalora\.apply"):
         adalora.ranks(models.tiny_model("llama"))
     with pytest.raises(ValueError, match=r"modules_to_save: no module of LlamaForCausalLM is named 'classifer'"):

@@ -51,7 +51,9 @@ def test_adapted_model_starts_as_the_base_model(arch):
     torch.testing.assert_close(logits(adapted, batch), logits(base, batch), atol=1e-6, rtol=0)
     wrapped = [m for m in adapted.modules() if isinstance(m, adapter.AdapterWrapped)]
     assert len(wrapped) == 2 * adapted.config.num_hidden_layers
-    assert all(w.adapter.down.weight.abs().max() > 0 and not w.adapter.up.weight.any() for w in wrapped)
+    assert all(
+        w.adapter["default"].down.weight.abs().max() > 0 and not w.adapter["default"].up.weight.any() for w in wrapped
+    )
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -80,8 +82,8 @@ def test_a_subset_of_layers_gets_adapters_and_trains_only_its_norms():
     assert count_parameters(model).trainable == 2 * adapter.adapter_parameter_count(d, 4) + 2 * d
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trained and all(n.startswith("model.layers.1.") for n in trained)
-    assert "model.layers.1.self_attn.o_proj.adapter.down.weight" in trained
-    assert "model.layers.1.mlp.down_proj.adapter.up.bias" in trained
+    assert "model.layers.1.self_attn.o_proj.adapter.default.down.weight" in trained
+    assert "model.layers.1.mlp.down_proj.adapter.default.up.bias" in trained
     assert not isinstance(model.model.layers[0].self_attn.o_proj, adapter.AdapterWrapped)
 
 
@@ -91,12 +93,14 @@ def test_loss_falls_and_the_frozen_base_stays_bit_identical(arch):
     model = tiny(arch)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     adapter.apply(model, adapter.AdapterConfig(bottleneck=8))
-    norms = {n.replace(".base.", ".") for n, p in model.named_parameters() if p.requires_grad and "adapter" not in n}
+    norms = {
+        n.replace(".base_layer.", ".") for n, p in model.named_parameters() if p.requires_grad and "adapter" not in n
+    }
     config = train.TrainConfig(max_steps=20, learning_rate=1e-1, schedule="constant")
     history = train.train(model, [batch_for(model)], config, progress=False)
     # A frozen random-init head (std 0.02) caps how far the loss of a tiny model can fall: 0.08 to 0.2 here.
     assert history.losses[-1] < history.losses[0] - 0.05
-    after = {n.replace(".base.", "."): p for n, p in model.named_parameters() if "adapter" not in n}
+    after = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if "adapter" not in n}
     assert after.keys() == before.keys()
     for name, param in after.items():
         assert torch.equal(param, before[name]) != (name in norms), name  # frozen: identical; norms: moved
@@ -108,7 +112,7 @@ def test_bert_base_on_the_meta_device_counts_2_379_264_adapter_parameters():
     model = models.meta_model("bert-base")
     adapter.apply(model, adapter.AdapterConfig(bottleneck=64, train_norms=False))
     assert count_parameters(model).trainable == 12 * 2 * adapter.adapter_parameter_count(768, 64) == 2_379_264
-    assert model.encoder.layer[0].output.dense.adapter.up.weight.is_meta
+    assert model.encoder.layer[0].output.dense.adapter["default"].up.weight.is_meta
     model = models.meta_model("bert-base")
     adapter.apply(model, adapter.AdapterConfig(bottleneck=64))
     assert count_parameters(model).trainable == 2_379_264 + 36_864 == 2_416_128
@@ -122,7 +126,7 @@ def test_a_single_placement_may_be_a_string():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"bottleneck": 0}, "bottleneck must be at least 1"),
+        ({"bottleneck": 0}, "bottleneck must be a whole number of at least 1"),
         ({"placement": ("attention", "mlp")}, r"placement must be one or both of \('attention', 'ffn'\)"),
         ({"placement": ()}, "placement must be one or both"),
         ({"non_linearity": "tanh"}, "Unknown non_linearity 'tanh'; use one of relu, gelu"),
@@ -142,7 +146,7 @@ def test_bad_applications_say_what_to_change():
     with pytest.raises(ValueError, match=r"layers \[2\] out of range: .* has 2 blocks, choose from 0\.\.1"):
         adapter.apply(models.tiny_model("bert"), adapter.AdapterConfig(bottleneck=4, layers=(0, 2)))
     model = adapter.apply(models.tiny_model("llama"), adapter.AdapterConfig(bottleneck=4))
-    with pytest.raises(ValueError, match="already has adapters: apply adapters to a fresh base model"):
+    with pytest.raises(ValueError, match=r"already has an adapter named 'default' \(adapter\): choose another name"):
         adapter.apply(model, adapter.AdapterConfig(bottleneck=4))
     with pytest.raises(TypeError, match="takes an AdapterConfig"):
         adapter.apply(models.tiny_model("llama"), object())

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers.pytorch_utils import Conv1D
 
-from peftlab import models, train
+from peftlab import families, models, train
 from peftlab.methods import ia3
 from peftlab.params import count_parameters, summary_by_kind
 
@@ -49,7 +49,8 @@ def as_peft(targets):
 def peft_twin(arch, config: ia3.IA3Config):
     """The same tiny model under peft, with our (resolved) targets."""
     model = tiny(arch)
-    targets, feedforward = ia3.DEFAULT_TARGETS[arch]
+    family = families.family_of(model)
+    targets, feedforward = family.ia3_targets, family.ia3_feedforward
     targets = config.target_modules if config.target_modules is not None else targets
     feedforward = config.feedforward_modules if config.feedforward_modules is not None else feedforward
     peft_config = peft.IA3Config(target_modules=as_peft(targets), feedforward_modules=as_peft(feedforward),
@@ -64,8 +65,8 @@ def randomise_both(ours, theirs, seed=0):
     layers = [(name, m) for name, m in ours.named_modules() if isinstance(m, ia3.IA3Scaled)]
     with torch.no_grad():
         for name, layer in layers:
-            values = 1 + 0.5 * torch.randn(layer.ia3_l.shape, generator=generator)
-            layer.ia3_l.copy_(values)
+            values = 1 + 0.5 * torch.randn(layer.ia3_l["default"].shape, generator=generator)
+            layer.ia3_l["default"].copy_(values)
             peft_l = theirs_modules[name].ia3_l["default"]
             assert peft_l.numel() == values.numel(), name
             peft_l.copy_(values.reshape(peft_l.shape))
@@ -87,7 +88,7 @@ def test_same_vectors_give_peft_logits_and_merged_weights(arch):
     ia3.merge(ours)
     torch.testing.assert_close(outputs(ours, batch), ours_outputs, atol=1e-5, rtol=1e-5)
     merged = theirs.merge_and_unload()
-    ours_weights = {n.replace(".base.", "."): p for n, p in ours.named_parameters() if "ia3_" not in n}
+    ours_weights = {n.replace(".base_layer.", "."): p for n, p in ours.named_parameters() if "ia3_" not in n}
     theirs_weights = dict(merged.named_parameters())
     assert ours_weights.keys() == theirs_weights.keys()
     for name, weight in theirs_weights.items():
@@ -100,9 +101,9 @@ def test_merge_then_unmerge_restores_the_base(arch):
     with torch.no_grad():
         for layer in model.modules():
             if isinstance(layer, ia3.IA3Scaled):
-                layer.ia3_l.uniform_(0.5, 1.5)
+                layer.ia3_l["default"].uniform_(0.5, 1.5)
     ia3.unmerge(ia3.merge(model))
-    restored = {n.replace(".base.", "."): p for n, p in model.named_parameters() if "ia3_" not in n}
+    restored = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if "ia3_" not in n}
     for name, weight in base.named_parameters():
         torch.testing.assert_close(restored[name], weight, atol=1e-6, rtol=0, msg=name)
 
@@ -113,13 +114,14 @@ def test_merge_scales_rows_columns_and_biases_as_the_formulas_say():
     for base in (torch.nn.Linear(3, 4), Conv1D(4, 3)):  # both map 3 → 4
         for scale_input in (False, True):
             layer = ia3.IA3Scaled(base, scale_input=scale_input)
+            layer.add("default")
             with torch.no_grad():
-                layer.ia3_l.uniform_(0.5, 1.5)
+                layer.ia3_l["default"].uniform_(0.5, 1.5)
             x = torch.randn(5, 3)
             w = base.weight.detach().clone()
             w = w if isinstance(base, torch.nn.Linear) else w.T  # as [out, in]
             b = base.bias.detach().clone()
-            l_in, l_out = (layer.ia3_l, 1) if scale_input else (1, layer.ia3_l)
+            l_in, l_out = (layer.ia3_l["default"], 1) if scale_input else (1, layer.ia3_l["default"])
             expected = (x * l_in) @ w.T * l_out + b * l_out
             torch.testing.assert_close(layer(x), expected)
             ia3.merge(layer)
@@ -175,13 +177,15 @@ def test_loss_falls_and_the_base_stays_bit_identical():
         if "ia3_" in name:
             assert not torch.equal(param, torch.ones_like(param)), name
         else:
-            assert torch.equal(param, before[name.replace(".base.", ".")]), name
+            assert torch.equal(param, before[name.replace(".base_layer.", ".")]), name
 
 
 def test_targets_matching_nothing_list_close_names():
-    with pytest.raises(ValueError, match=r"entry 'k_prj' matches no module .* Did you mean 'k_proj'.* named: .*q_proj"):
+    with pytest.raises(ValueError, match=r"matched target_modules='k_prj'\. Close names: k_proj.* Linear: q_proj"):
         ia3.apply(tiny("llama"), ia3.IA3Config(target_modules=["k_prj", "down_proj"], feedforward_modules=[]))
-    with pytest.raises(ValueError, match=r"target_modules '.\*\\\\.nothing' matches no module"):
+    with pytest.raises(
+        ValueError, match=r"No module of BertForSequenceClassification matched target_modules='\.\*\\\\\.nothing'"
+    ):
         ia3.apply(tiny("bert"), ia3.IA3Config(target_modules=r".*\.nothing", feedforward_modules=[]))
 
 
@@ -196,7 +200,7 @@ def test_feedforward_modules_must_be_targets():
 
 def test_applying_and_merging_twice_are_refused():
     model = ia3.apply(tiny("gpt2"), ia3.IA3Config())
-    with pytest.raises(ValueError, match=r"already has .* vectors: apply .* to a fresh base model"):
+    with pytest.raises(ValueError, match=r"already has an adapter named 'default' \(ia3\): choose another name"):
         ia3.apply(model, ia3.IA3Config())
     ia3.merge(model)
     assert count_parameters(model).trainable == 0  # l is in the weights now

@@ -11,7 +11,7 @@ from peft.optimizers import create_loraplus_optimizer
 from transformers import AutoModelForCausalLM
 
 from peftlab import models, train
-from peftlab.methods import lora
+from peftlab.methods import disabled, ia3, lora, set_active
 from peftlab.methods.lora import LoRAConfig
 from peftlab.params import count_parameters
 
@@ -32,8 +32,8 @@ def outputs(model, ids):
 
 
 def peft_name(name):
-    """peftlab's name → peft's: ``<module>.lora_A.weight`` → ``base_model.model.<module>.lora_A.default.weight``."""
-    return "base_model.model." + re.sub(r"\.(lora_[AB])\.", r".\1.default.", name)
+    """peftlab's name → peft's in memory: the same name under peft's ``base_model.model.``."""
+    return lora.PEFT_PREFIX + name
 
 
 @torch.no_grad()
@@ -79,7 +79,7 @@ def test_rslora_scales_by_alpha_over_root_r_as_peft_does():
     ours, theirs = peft_twin("llama", config)
     their_layers = {n.removeprefix("base_model.model."): m for n, m in theirs.named_modules() if hasattr(m, "scaling")}
     for name, layer in lora.lora_layers(ours).items():
-        assert layer.scaling == config.scaling == 8 / 16**0.5 == their_layers[name].scaling["default"]
+        assert layer.scaling["default"] == config.scaling == 8 / 16**0.5 == their_layers[name].scaling["default"]
     assert LoRAConfig(r=16, alpha=8).scaling == 0.5
 
 
@@ -223,7 +223,7 @@ def test_load_into_a_model_that_already_has_the_same_lora(tmp_path):
     target = lora.load(lora.apply(models.tiny_model("llama"), config), tmp_path)
     ids = token_ids(source)
     torch.testing.assert_close(outputs(target, ids), outputs(source, ids), atol=0, rtol=0)
-    with pytest.raises(ValueError, match="has LoRA with r=8, scaling=2, the adapter r=4, scaling=2"):
+    with pytest.raises(ValueError, match="adapter 'default' has r=8, scaling=2, the saved one r=4, scaling=2"):
         lora.load(lora.apply(models.tiny_model("llama"), LoRAConfig()), tmp_path)
 
 
@@ -255,8 +255,10 @@ def test_adapter_from_a_model_of_another_width_is_refused_naming_the_key(tmp_pat
     config = models.tiny_config("llama")
     config.hidden_size = 48
     wider = AutoModelForCausalLM.from_config(config)
-    with pytest.raises(ValueError, match=re.escape("Shape mismatch for model.layers.0.self_attn.q_proj.lora_A.weight: "
-                                                   "the adapter has (4, 32), the model (4, 48)")):  # fmt: skip
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    with pytest.raises(
+        ValueError, match=re.escape(f"Shape mismatch for {key}: the adapter has (4, 32), the model (4, 48)")
+    ):
         lora.load(wider, tmp_path)
 
 
@@ -313,8 +315,10 @@ def test_a_rank_larger_than_the_layer_is_refused_and_the_model_left_as_it_was():
 
 def test_applying_twice_a_non_linear_target_and_a_wrong_config_are_refused():
     model = lora.apply(models.tiny_model("llama"), LoRAConfig(r=4))
-    with pytest.raises(ValueError, match=r"already applied to model\.layers\.0\.self_attn\.q_proj"):
+    with pytest.raises(ValueError, match=r"already has an adapter named 'default' \(lora\): choose another name"):
         lora.apply(model, LoRAConfig(r=4))
+    with pytest.raises(ValueError, match=r"already carries lora; ia3 on top of it is not supported"):
+        ia3.apply(model, ia3.IA3Config())
     with pytest.raises(ValueError, match="a LlamaAttention, but LoRA wraps linear layers"):
         lora.apply(models.tiny_model("llama"), LoRAConfig(target_modules=("self_attn",)))
     with pytest.raises(TypeError, match="takes a LoRAConfig"):
@@ -323,9 +327,59 @@ def test_applying_twice_a_non_linear_target_and_a_wrong_config_are_refused():
 
 def test_dropout_acts_on_the_lora_path_in_training_only():
     torch.manual_seed(0)
-    layer = lora.LoRALinear(torch.nn.Linear(16, 8), r=4, alpha=8, dropout=0.5)
-    torch.nn.init.normal_(layer.lora_B.weight)
+    layer = lora.LoRALinear(torch.nn.Linear(16, 8))
+    layer.add("default", LoRAConfig(r=4, alpha=8, dropout=0.5))
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
     x = torch.randn(3, 16)
-    expected = layer.base_layer(x) + layer.lora_B(layer.lora_A(x)) * 2.0
+    expected = layer.base_layer(x) + layer.lora_B["default"](layer.lora_A["default"](x)) * 2.0
     torch.testing.assert_close(layer.eval()(x), expected)
     assert not torch.allclose(layer.train()(x), expected)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Named adapters, and switching them off
+# ----------------------------------------------------------------------------------------------------------------
+def test_two_named_adapters_switch_train_and_save_apart_and_peft_loads_each(tmp_path):
+    model = lora.apply(models.tiny_model("llama"), LoRAConfig(r=4), adapter="first")
+    model = lora.apply(model, LoRAConfig(r=2, target_modules=("q_proj",)), adapter="second")
+    randomise(model)  # only "second" trains now: "first" keeps its B = 0 ...
+    set_active(model, "first")
+    randomise(model, seed=2)  # ... until it is the active one
+    ids = token_ids(model)
+    logits = {}
+    for name in ("first", "second"):
+        set_active(model, name)
+        logits[name] = outputs(model, ids)
+        trained = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trained and all(f".{name}." in n for n in trained)
+        lora.save(model, tmp_path / name, adapter=name)
+    assert (logits["first"] - logits["second"]).abs().max() > 1e-3
+    theirs = peft.PeftModel.from_pretrained(models.tiny_model("llama"), tmp_path / "first", adapter_name="first")
+    theirs.load_adapter(tmp_path / "second", adapter_name="second")
+    for name in ("first", "second"):
+        theirs.set_adapter(name)
+        torch.testing.assert_close(outputs(theirs, ids), logits[name], **TOLERANCE)
+    both = lora.load(lora.load(models.tiny_model("llama"), tmp_path / "first", "first"), tmp_path / "second", "second")
+    set_active(both, "first")
+    torch.testing.assert_close(outputs(both, ids), logits["first"], atol=0, rtol=0)
+    with pytest.raises(
+        ValueError, match=r"No adapter named 'frist'\. Did you mean 'first'\? The model has: first, second"
+    ):
+        set_active(both, "frist")
+
+
+def test_disabled_gives_the_base_models_logits_exactly_and_switches_back():
+    base = models.tiny_model("llama")
+    ids = token_ids(base)
+    expected = outputs(base, ids)
+    model = lora.apply(models.tiny_model("llama"), LoRAConfig(r=4))
+    randomise(model)
+    adapted = outputs(model, ids)
+    with disabled(model):
+        torch.testing.assert_close(outputs(model, ids), expected, atol=0, rtol=0)
+    torch.testing.assert_close(outputs(model, ids), adapted, atol=0, rtol=0)
+    lora.merge(model)
+    with pytest.raises(RuntimeError, match="merged into the weights: unmerge first"), disabled(model):
+        pass
+    with pytest.raises(ValueError, match="has no adapters to switch off: apply a method first"), disabled(base):
+        pass

@@ -47,7 +47,12 @@ def mean_squared_outputs_by_hand(model, batches):
     result = {}
     for name, layer in lora.lora_layers(model).items():
         x = torch.cat([i.reshape(-1, layer.in_features) for i in inputs[name]])
-        result[name] = (layer.scaling * x @ layer.lora_A.weight.T @ layer.lora_B.weight.T).pow(2).sum(-1).mean()
+        result[name] = (
+            (layer.scaling["default"] * x @ layer.lora_A["default"].weight.T @ layer.lora_B["default"].weight.T)
+            .pow(2)
+            .sum(-1)
+            .mean()
+        )
     return result
 
 
@@ -72,7 +77,7 @@ def test_a_layer_whose_B_is_scaled_up_ranks_higher():
     before = lora_drop.layer_importance(model, batches)
     lowest = min(before, key=before.get)
     with torch.no_grad():
-        lora.lora_layers(model)[lowest].lora_B.weight.mul_(100)  # its output 100 times larger: g × 10⁴
+        lora.lora_layers(model)[lowest].lora_B["default"].weight.mul_(100)  # its output 100 times larger: g × 10⁴
     after = lora_drop.layer_importance(model, batches)
     assert max(after, key=after.get) == lowest and after[lowest] > 0.5 > before[lowest]
     assert sum(after.values()) == pytest.approx(1.0)
@@ -109,28 +114,30 @@ def test_kept_layers_are_the_fewest_that_reach_the_threshold():
 # ----------------------------------------------------------------------------------------------------------------
 def dropped_model(threshold=0.9):
     importance = lora_drop.layer_importance(trained_lora(), token_batches(models.tiny_model("llama")))
-    model = lora_drop.apply(models.tiny_model("llama"), importance, ALL_LINEAR, LoRADropConfig(threshold))
+    model = lora_drop.apply(models.tiny_model("llama"), LoRADropConfig(importance, threshold, lora=ALL_LINEAR))
     return model, importance
 
 
 def test_dropped_layers_share_the_same_parameters_one_pair_per_shape():
     model, _ = dropped_model()
-    layers, kept, shared = lora.lora_layers(model), model.lora_drop["kept"], model.lora_drop["shared"]
+    (kept, shared), layers = lora_drop.choice(model), lora.lora_layers(model)
     assert set(kept) | {n for names in shared.values() for n in names} == set(layers)
     for shape, names in shared.items():
         owner = layers[names[0]]
         for name in names:
             assert (layers[name].in_features, layers[name].out_features) == shape
             for part in ("lora_A", "lora_B"):
-                mine, theirs = getattr(layers[name], part).weight, getattr(owner, part).weight
+                mine, theirs = getattr(layers[name], part)["default"].weight, getattr(owner, part)["default"].weight
                 assert mine is theirs and mine.data_ptr() == theirs.data_ptr()
-    own = {id(layers[name].lora_A.weight) for name in kept}
-    assert len(own) == len(kept) and not own & {id(layers[names[0]].lora_A.weight) for names in shared.values()}
+    own = {id(layers[name].lora_A["default"].weight) for name in kept}
+    assert len(own) == len(kept) and not own & {
+        id(layers[names[0]].lora_A["default"].weight) for names in shared.values()
+    }
 
 
 def test_trainable_count_is_kept_layers_plus_one_lora_per_shape_group():
     model, _ = dropped_model()
-    r, kept, shared = ALL_LINEAR.r, model.lora_drop["kept"], model.lora_drop["shared"]
+    r, (kept, shared) = ALL_LINEAR.r, lora_drop.choice(model)
     layers = lora.lora_layers(model)
     expected = sum(lora_parameter_count(layers[n].in_features, layers[n].out_features, r) for n in kept) + sum(
         lora_parameter_count(d_in, d_out, r) for d_in, d_out in shared
@@ -147,16 +154,16 @@ def test_on_tiny_llama_the_dropped_model_trains_with_fewer_parameters_than_lora(
     model, _ = dropped_model(threshold=0.5)
     plain = lora.apply(models.tiny_model("llama"), ALL_LINEAR)
     ours, theirs = count_parameters(model).trainable, count_parameters(plain).trainable
-    print(f"LoRA-drop (T = 0.5, kept {len(model.lora_drop['kept'])} of 14): {ours:,} trainable; LoRA: {theirs:,}")
+    print(f"LoRA-drop (T = 0.5, kept {len(lora_drop.choice(model).kept)} of 14): {ours:,} trainable; LoRA: {theirs:,}")
     assert ours < theirs == 4_096
-    shared_name = next(names for names in model.lora_drop["shared"].values() if len(names) > 1)
-    shared_weight = lora.lora_layers(model)[shared_name[1]].lora_B.weight
+    shared_name = next(names for names in lora_drop.choice(model).shared.values() if len(names) > 1)
+    shared_weight = lora.lora_layers(model)[shared_name[1]].lora_B["default"].weight
     config = train.TrainConfig(max_steps=40, learning_rate=1e-2, schedule="constant")
     history = train.train(model, token_batches(model, count=1), config, progress=False)
     assert history.trainable_parameters == ours
     assert history.losses[-1] < history.losses[0] - 0.3  # 4.88 → 4.38
     assert shared_weight.any()  # B moved from 0, and is still the one tensor of every layer of the group
-    assert lora.lora_layers(model)[shared_name[0]].lora_B.weight is shared_weight
+    assert lora.lora_layers(model)[shared_name[0]].lora_B["default"].weight is shared_weight
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -165,7 +172,7 @@ def test_on_tiny_llama_the_dropped_model_trains_with_fewer_parameters_than_lora(
 @pytest.mark.parametrize("threshold", [0, -0.1, 1.01, 2])
 def test_thresholds_outside_zero_one_are_refused(threshold):
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
-        LoRADropConfig(threshold)
+        LoRADropConfig("uniform", threshold)
     with pytest.raises(ValueError, match=r"threshold must be in \(0, 1\]"):
         lora_drop.kept_layers({"a": 1.0}, threshold)
 
@@ -175,14 +182,20 @@ def test_importance_must_name_exactly_the_model_lora_layers():
     wrong = {**importance, "model.layers.7.self_attn.q_proj": 0.0}
     with pytest.raises(ValueError, match=r"not in the model: model\.layers\.7\.self_attn\.q_proj; no importance for: "
                                          r"none\. Measure it with layer_importance"):  # fmt: skip
-        lora_drop.apply(models.tiny_model("llama"), wrong, ALL_LINEAR, LoRADropConfig())
+        lora_drop.apply(models.tiny_model("llama"), LoRADropConfig(wrong, lora=ALL_LINEAR))
     only_q = {name: value for name, value in importance.items() if name.endswith("q_proj")}
     with pytest.raises(ValueError, match=r"not in the model: none; no importance for: .*k_proj"):
-        lora_drop.apply(models.tiny_model("llama"), only_q, ALL_LINEAR, LoRADropConfig())
+        lora_drop.apply(models.tiny_model("llama"), LoRADropConfig(only_q, lora=ALL_LINEAR))
     model = models.tiny_model("llama")
     with pytest.raises(TypeError, match="takes a LoRADropConfig"):
-        lora_drop.apply(model, importance, ALL_LINEAR, 0.9)
+        lora_drop.apply(model, 0.9)
+    with pytest.raises(ValueError, match="needs the layers' importance: measure it with layer_importance"):
+        LoRADropConfig()
     assert not lora.lora_layers(model)  # refused before anything changed
+    counted = lora_drop.apply(models.tiny_model("llama"), LoRADropConfig("uniform", 0.5, lora=ALL_LINEAR))
+    assert (
+        len(lora_drop.choice(counted).kept) == 7 and counted.peftlab.method == "lora-drop"
+    )  # uniform importance: half of the 14 layers, for counting
 
 
 def test_importance_of_an_untrained_or_plain_model_is_refused():

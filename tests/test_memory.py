@@ -60,8 +60,13 @@ def test_saved_activations_match_the_estimate_within_10_percent(arch, method, pr
     torch.manual_seed(0)
     model = apply_method(small_model(arch, attn, precision), method).train()
     measured = memory.saved_tensor_bytes(model, batch_for(arch), autocast=precision == "bf16-mixed")
-    estimated = memory.estimate(model, method=method, batch_size=B, seq_len=T, precision=precision,
-                                attn_implementation=attn, applied=True, device="cpu").saved_bytes  # fmt: skip
+    estimated = memory.estimate(
+        model,
+        memory.Setup(
+            method=method, batch_size=B, seq_len=T, precision=precision, attn_implementation=attn, device="cpu"
+        ),
+        applied=True,
+    ).saved_bytes
     assert estimated == pytest.approx(measured, rel=0.10), f"estimate {estimated:,} vs measured {measured:,}"
 
 
@@ -84,8 +89,9 @@ def test_bert_with_hidden_dropout_on_a_cpu(config):
             module.p = 0.1
     model = lora.apply(base, config).train()
     measured = memory.saved_tensor_bytes(model, batch_for("bert"))
-    estimate = memory.estimate(model, method="lora", batch_size=B, seq_len=T, precision="fp32", applied=True,
-                               device="cpu")  # fmt: skip
+    estimate = memory.estimate(
+        model, memory.Setup(method="lora", batch_size=B, seq_len=T, precision="fp32", device="cpu"), applied=True
+    )
     assert estimate.saved_bytes == pytest.approx(measured, rel=0.03)
 
 
@@ -98,8 +104,11 @@ def test_checkpointing_keeps_only_block_inputs(arch, method):
     plain = memory.saved_tensor_bytes(model, batch_for(arch))
     memory.enable_checkpointing(model)
     measured = memory.saved_tensor_bytes(model, batch_for(arch))
-    estimate = memory.estimate(model, method=method, batch_size=B, seq_len=T, precision="fp32", grad_checkpointing=True,
-                               applied=True, device="cpu")  # fmt: skip
+    estimate = memory.estimate(
+        model,
+        memory.Setup(method=method, batch_size=B, seq_len=T, precision="fp32", grad_checkpointing=True, device="cpu"),
+        applied=True,
+    )
     assert estimate.saved_bytes == pytest.approx(measured, rel=0.10)
     assert measured < plain
 
@@ -127,8 +136,9 @@ def test_real_lora_variants_are_described(variant):
                                                            target_modules=("q_proj", "v_proj")))  # fmt: skip
     model.train()
     measured = memory.saved_tensor_bytes(model, batch_for("llama"))
-    estimate = memory.estimate(model, method="lora", batch_size=B, seq_len=T, precision="fp32", applied=True,
-                               device="cpu")  # fmt: skip
+    estimate = memory.estimate(
+        model, memory.Setup(method=variant, batch_size=B, seq_len=T, precision="fp32", device="cpu"), applied=True
+    )
     assert estimate.saved_bytes == pytest.approx(measured, rel=0.10)
 
 
@@ -137,7 +147,7 @@ def test_real_lora_variants_are_described(variant):
                          + [("full", "bf16"), ("lora", "bf16")])  # fmt: skip
 def test_weight_and_gradient_bytes_are_exact(method, precision):
     model = apply_method(small_model("llama", "sdpa", precision), method)
-    estimate = memory.estimate(model, method=method, precision=precision, applied=True)
+    estimate = memory.estimate(model, memory.Setup(method=method, precision=precision), applied=True)
     params = list(model.parameters())
     assert estimate.breakdown["weights"] == sum(p.numel() * p.element_size() for p in params)
     model.train()
@@ -154,7 +164,7 @@ def test_optimizer_state_bytes_are_exact(optimizer):
     opt.step()
     state_bytes = sum(t.numel() * t.element_size() for state in opt.state.values() for t in state.values()
                       if isinstance(t, torch.Tensor) and t.ndim > 0)  # fmt: skip
-    estimate = memory.estimate(model, method="lora", precision="fp32", optimizer=optimizer, applied=True)
+    estimate = memory.estimate(model, memory.Setup(method="lora", precision="fp32", optimizer=optimizer), applied=True)
     assert estimate.breakdown["optimizer_states"] == state_bytes
 
 
@@ -166,29 +176,30 @@ def test_nf4_weights_match_the_real_4bit_model():
     lora_params = sum(p.numel() for p in real.parameters() if p.requires_grad)
     other_base = sum(p.numel() for p in real.parameters() if not p.requires_grad)  # embeddings, norms
     expected = qlora.weight_bytes(real) + 2 * other_base + 2 * lora_params
-    estimate = memory.estimate(models.tiny_model("llama"), method="qlora", precision="nf4")
+    estimate = memory.estimate(models.tiny_model("llama"), memory.Setup(method="qlora", precision="nf4"))
     assert estimate.breakdown["weights"] == pytest.approx(expected, abs=8)
     assert estimate.trainable_parameters == lora_params
 
 
 # -- the seed documents' claims -----------------------------------------------------------------------------------
 def test_an_8b_model_in_16_bit_is_16_gb_of_weights():
-    estimate = memory.estimate("llama-3-8b", method="lora", precision="bf16")
+    estimate = memory.estimate("llama-3-8b", memory.Setup(method="lora", precision="bf16"))
     assert estimate.breakdown["weights"] == pytest.approx(8.03e9 * 2, rel=0.01)
 
 
 def test_adam_keeps_two_states_per_trainable_parameter():
-    estimate = memory.estimate("smollm2-135m", method="full", precision="fp32", optimizer="adamw")
+    estimate = memory.estimate("smollm2-135m", memory.Setup(method="full", precision="fp32", optimizer="adamw"))
     assert estimate.breakdown["optimizer_states"] == 2 * 4 * estimate.trainable_parameters
 
 
 def test_phases_and_peak():
-    estimate = memory.estimate("smollm2-135m", method="full", precision="fp32", batch_size=1, seq_len=128)
+    estimate = memory.estimate("smollm2-135m", memory.Setup(method="full", precision="fp32", batch_size=1, seq_len=128))
     assert estimate.peak == max(sum(terms.values()) for terms in estimate.phases.values())
     assert estimate.peak_phase in estimate.phases
     assert list(estimate.table().index[: len(memory.TERMS)]) == list(memory.TERMS)
-    assert estimate.fits("H100 80 GB") and not memory.estimate("llama-3-8b", method="full", precision="fp32",
-                                                                 seq_len=2048).fits("H100 80 GB")  # fmt: skip
+    assert estimate.fits("H100 80 GB") and not memory.estimate(
+        "llama-3-8b", memory.Setup(method="full", precision="fp32", seq_len=2048)
+    ).fits("H100 80 GB")
 
 
 def test_measure_on_cpu_counts_saved_bytes_only():
@@ -209,11 +220,11 @@ def test_measure_on_cpu_counts_saved_bytes_only():
 )  # fmt: skip
 def test_bad_settings_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        memory.estimate("smollm2-135m", **kwargs)
+        memory.estimate("smollm2-135m", memory.Setup(**kwargs))
 
 
 def test_unknown_architecture_and_too_large_rank():
     with pytest.raises(models.ModelNotFoundError, match="Unknown architecture"):
         memory.estimate("llama-9b")
     with pytest.raises(ValueError, match="larger than"):
-        memory.estimate("smollm2-135m", method="lora", method_config=lora.LoRAConfig(r=4096))
+        memory.estimate("smollm2-135m", memory.Setup(method="lora", method_config=lora.LoRAConfig(r=4096)))

@@ -60,7 +60,7 @@ def test_tiny_models_are_seeded():
 
 
 def test_unknown_tiny_architecture():
-    with pytest.raises(models.ModelNotFoundError, match="'llama', 'gpt2', 'bert'"):
+    with pytest.raises(models.ModelNotFoundError, match="use one of llama, qwen2, mistral, gpt2, bert"):
         models.tiny_config("t5")
 
 

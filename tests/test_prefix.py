@@ -195,7 +195,8 @@ def test_bad_configs_say_what_to_change():
 
 def test_bad_calls_say_what_to_change():
     distilbert = DistilBertModel(DistilBertConfig(vocab_size=128, dim=32, n_layers=1, n_heads=4, hidden_dim=64))
-    with pytest.raises(ValueError, match="supports llama, qwen2, gpt2, bert; got model_type 'distilbert'"):
+    message = r"knows the module layouts of bert, gpt2, llama, mistral, qwen2 models, not of DistilBertModel"
+    with pytest.raises(ValueError, match=message):
         prefix.apply(distilbert, prefix.PrefixTuningConfig(N))
     with pytest.raises(ValueError, match=r"has no classification head .*: set train_head=False"):
         prefix.apply(models.tiny_model("llama"), prefix.PTuningV2Config(N))

@@ -153,8 +153,8 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
 )  # fmt: skip
 def test_text_init_copies_the_word_embeddings_of_the_text(n, expected_ids):
     base = models.tiny_model("llama")
-    config = prompt.PromptTuningConfig(n, init="text", init_text="classify the sentiment")
-    model = prompt.apply(base, config, tokenizer=word_level_tokenizer())
+    config = prompt.PromptTuningConfig.from_text("classify the sentiment", word_level_tokenizer(), n)
+    model = prompt.apply(base, config)
     assert_close(model.soft_prompt.data, base.get_input_embeddings().weight[expected_ids], atol=0, rtol=0)
 
 
@@ -185,8 +185,12 @@ def test_bad_configs_say_what_to_change():
         prompt.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(ValueError, match="at least 1"):
         prompt.PTuningConfig(num_virtual_tokens=-3)
-    with pytest.raises(ValueError, match="pass init_text="):
+    with pytest.raises(
+        ValueError, match=r"needs the text's tokens: build the config with PromptTuningConfig\.from_text"
+    ):
         prompt.PromptTuningConfig(init="text")
+    with pytest.raises(ValueError, match="init_text must be a non-empty text"):
+        prompt.PromptTuningConfig.from_text("  ", word_level_tokenizer())
     with pytest.raises(ValueError, match="Unknown init 'words'"):
         prompt.PromptTuningConfig(init="words")
     with pytest.raises(ValueError, match="Unknown encoder 'gru'; use one of 'mlp', 'lstm'"):
@@ -196,9 +200,11 @@ def test_bad_configs_say_what_to_change():
 
 
 def test_bad_calls_say_what_to_change():
-    text = prompt.PromptTuningConfig(4, init="text", init_text="classify the sentiment")
-    with pytest.raises(ValueError, match=r"needs the tokenizer: call apply\(model, config, tokenizer=tokenizer\)"):
-        prompt.apply(models.tiny_model("llama"), text)
+    other_vocabulary = prompt.PromptTuningConfig(4, init="text", init_text="hello", init_token_ids=(5, 4000))
+    base = models.tiny_model("llama")
+    with pytest.raises(ValueError, match=r"reach 4000, but the model's vocabulary has 128 tokens: .* another model's"):
+        prompt.apply(base, other_vocabulary)
+    assert all(p.requires_grad for p in base.parameters())  # refused before anything changed
     with pytest.raises(ValueError, match="has no classification head"):
         prompt.apply(models.tiny_model("llama"), prompt.PromptTuningConfig(4, train_head=True))
     wrapped = prompt.apply(models.tiny_model("llama"), prompt.PromptTuningConfig(4))

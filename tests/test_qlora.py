@@ -47,8 +47,8 @@ def twins(arch):
             twin = quantised.get_submodule(name)
             weight = dequantize_nf4(twin.base_layer.weight)
             layer.base_layer.weight.copy_(weight.T if layer.fan_in_fan_out else weight)
-            layer.lora_A.weight.copy_(twin.lora_A.weight)
-            layer.lora_B.weight.copy_(twin.lora_B.weight)
+            layer.lora_A["default"].weight.copy_(twin.lora_A["default"].weight)
+            layer.lora_B["default"].weight.copy_(twin.lora_B["default"].weight)
     return quantised, reference
 
 
@@ -68,8 +68,8 @@ def test_gradients_equal_and_no_dequantised_weight_is_saved_for_backward():
         model.train()
         model(input_ids=ids, labels=ids).loss.backward()
     for name, layer in lora.lora_layers(reference).items():
-        torch.testing.assert_close(quantised.get_submodule(name).lora_A.weight.grad, layer.lora_A.weight.grad,
-                                   atol=1e-5, rtol=1e-4)  # fmt: skip
+        mine = quantised.get_submodule(name).lora_A["default"].weight.grad
+        torch.testing.assert_close(mine, layer.lora_A["default"].weight.grad, atol=1e-5, rtol=1e-4)
     batch = {"input_ids": ids, "labels": ids}
     assert memory.saved_tensor_bytes(quantised, batch) <= memory.saved_tensor_bytes(reference, batch)
 

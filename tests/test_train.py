@@ -131,14 +131,21 @@ def test_classification_training_beats_chance_on_a_separable_task():
     assert train.mean_loss(model, loader) < history.losses[0]
 
 
-def test_hooks_add_a_regulariser_and_run_after_each_step():
+def test_a_loss_hook_replaces_the_loss_logs_its_metrics_and_a_step_hook_runs_after_each_step():
     model = models.tiny_model("llama")
     steps = []
     config = train.TrainConfig(max_steps=3, learning_rate=1e-3, schedule="constant")
     plain = train.train(models.tiny_model("llama"), token_batches(model), config, progress=False)
-    hooked = train.train(model, token_batches(model), config, regulariser=lambda m: 100 * m.lm_head.weight.pow(2).sum(),
+
+    def loss_fn(m, batch):
+        task = m(**batch).loss
+        penalty = m.lm_head.weight.pow(2).sum()
+        return task + 100 * penalty, {"task_loss": task.item(), "penalty": penalty.item()}
+
+    hooked = train.train(model, token_batches(model), config, loss_fn=loss_fn,
                          after_step=lambda m, step: steps.append((step, m.lm_head.weight.grad is not None)),
                          progress=False)  # fmt: skip
     assert steps == [(1, True), (2, True), (3, True)]  # after the optimizer step, gradients still there
-    assert hooked.losses[0] == pytest.approx(plain.losses[0])  # the history records the task loss only
-    assert hooked.losses[-1] != pytest.approx(plain.losses[-1])  # but the regulariser changed the training
+    assert hooked.metrics["task_loss"][0] == pytest.approx(plain.losses[0])  # the same start
+    assert hooked.losses[0] == pytest.approx(plain.losses[0] + 100 * hooked.metrics["penalty"][0])
+    assert hooked.metrics["task_loss"][-1] != pytest.approx(plain.losses[-1])  # the penalty changed the training

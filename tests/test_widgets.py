@@ -19,12 +19,29 @@ def test_method_config_applies_the_knobs():
     config = widgets.method_config("lora", llama, r=32, alpha=64, target_modules="all linear")
     assert (config.r, config.alpha, config.target_modules) == (32, 64, lora.ALL_LINEAR)
     assert widgets.method_config("lora", gpt2, target_modules="attention q,v").target_modules == ("c_attn",)
-    assert widgets.method_config("qlora", llama).target_modules == lora.ALL_LINEAR  # QLoRA's own default
-    assert widgets.method_config("qlora", llama, target_modules="attention q,v").target_modules == ("q_proj", "v_proj")
+    assert widgets.method_config("qlora", llama).lora.target_modules == lora.ALL_LINEAR  # QLoRA's own default
+    qv = widgets.method_config("qlora", llama, r=4, target_modules="attention q,v").lora
+    assert (qv.r, qv.target_modules) == (4, ("q_proj", "v_proj"))
+    assert widgets.method_config("adalora", llama, r=16).init_r == 16
+    assert widgets.method_config("lora-drop", llama, threshold=0.5, r=2).lora.r == 2
     assert widgets.method_config("prefix", llama, num_virtual_tokens=7).num_virtual_tokens == 7
     assert widgets.method_config("adapter", llama, bottleneck=16).bottleneck == 16
     assert widgets.method_config("freeze", llama, trainable_layers=5).trainable_layers == 5
     assert widgets.method_config("lora", llama, r=None).r == 8  # None keeps the default
+
+
+@pytest.mark.parametrize("method", widgets.METHOD_NAMES)
+def test_every_registered_method_is_counted_and_estimated_by_name(method):
+    """The registry is the one list: every method in it has knobs the explorers know, counts and estimates."""
+    architecture = "bert-base" if method in ("bitfit", "ptuning-v2") else "smollm2-135m"
+    assert set(widgets.KNOBS[method]) <= {*widgets.KNOB_CONTROLS, "alpha"}
+    report = widgets.parameter_report(architecture, method)
+    assert 0 < report.trainable <= report.total
+    precision = "nf4" if method == "qlora" else "bf16-mixed"
+    estimate = widgets.vram_report(architecture, memory.Setup(method=method, precision=precision, seq_len=128))
+    assert estimate.peak > 0
+    if architecture != "bert-base":  # the estimator trains BERT as a classifier (with its head), the count is bare
+        assert estimate.trainable_parameters == report.trainable
 
 
 def test_method_config_refuses_an_unknown_knob_and_names_the_right_ones():
@@ -95,11 +112,16 @@ def test_plot_parameters_draws_every_kind_on_a_log_scale():
 # vram_report, plot_vram, fit_summary
 # ----------------------------------------------------------------------------------------------------------------
 def test_vram_report_is_the_estimate_of_the_configured_method():
-    report = widgets.vram_report("llama-3-8b", "lora", batch_size=2, seq_len=256, r=16)
+    report = widgets.vram_report("llama-3-8b", memory.Setup(method="lora", batch_size=2, seq_len=256), r=16)
     config = lora.LoRAConfig(r=16, target_modules=("q_proj", "v_proj"))
-    assert report.breakdown == memory.estimate("llama-3-8b", "lora", config, batch_size=2, seq_len=256).breakdown
+    assert (
+        report.breakdown
+        == memory.estimate(
+            "llama-3-8b", memory.Setup(method="lora", method_config=config, batch_size=2, seq_len=256)
+        ).breakdown
+    )
     assert report.trainable_parameters == 32 * 16 * (4096 + 4096 + 4096 + 1024)  # v: 8 KV heads × 128
-    assert report.settings["batch_size"] == 2
+    assert report.setup.batch_size == 2
 
 
 def _estimate(forward_gib: float, step_gib: float) -> memory.MemoryEstimate:
@@ -114,7 +136,7 @@ def _estimate(forward_gib: float, step_gib: float) -> memory.MemoryEstimate:
         saved_bytes=0,
         trainable_parameters=0,
         total_parameters=0,
-        settings={},
+        setup=memory.Setup(),
     )
 
 
@@ -129,14 +151,16 @@ def test_fit_summary_sentences():
 
 
 def test_fit_summary_of_a_small_and_a_huge_run():
-    small = widgets.vram_report("llama-3-8b", "qlora", batch_size=1, precision="nf4-dq")
-    huge = widgets.vram_report("llama-3-8b", "full", batch_size=1, precision="fp32")
+    small = widgets.vram_report("llama-3-8b", memory.Setup(method="qlora", batch_size=1, precision="nf4-dq"))
+    huge = widgets.vram_report("llama-3-8b", memory.Setup(method="full", batch_size=1, precision="fp32"))
     assert widgets.fit_summary(small).endswith(f": fits on {ALL_GPUS}")
     assert widgets.fit_summary(huge).endswith(f": does not fit on {ALL_GPUS}")
 
 
 def test_plot_vram_stacks_the_terms_of_each_phase_under_the_relevant_gpus():
-    estimate = widgets.vram_report("llama-3-8b", "qlora", batch_size=1, precision="nf4-dq")  # about 9 GiB
+    estimate = widgets.vram_report(
+        "llama-3-8b", memory.Setup(method="qlora", batch_size=1, precision="nf4-dq")
+    )  # about 9 GiB
     ax = widgets.plot_vram(estimate)
     assert len(ax.patches) == sum(len(terms) for terms in estimate.phases.values()) == 8
     forward = estimate.phases["forward and backward"]
@@ -156,7 +180,7 @@ def test_plot_vram_stacks_the_terms_of_each_phase_under_the_relevant_gpus():
         "optimizer workspace",
     ]
 
-    huge = widgets.plot_vram(widgets.vram_report("llama-3-8b", "full", precision="fp32"))
+    huge = widgets.plot_vram(widgets.vram_report("llama-3-8b", memory.Setup(method="full", precision="fp32")))
     assert [line.get_label() for line in huge.get_lines()] == list(memory.GPUS)
     assert huge.get_ylim()[1] > max(widgets.usable_gib(gpu) for gpu in memory.GPUS)
 
@@ -215,12 +239,12 @@ def test_parameter_explorer_shows_a_failing_combination_as_a_sentence():
 
 
 def test_vram_explorer_fit_sentence_follows_the_controls():
-    explorer = widgets.vram_explorer(architecture="llama-3-8b", method="full", batch_size=1, precision="fp32")
+    explorer = widgets.vram_explorer("llama-3-8b", memory.Setup(method="full", batch_size=1, precision="fp32"))
     batch_1 = explorer.summary.value
     assert f"does not fit on {ALL_GPUS}" in batch_1
     explorer.controls["batch_size"].value = 64
     assert f"does not fit on {ALL_GPUS}" in explorer.summary.value and explorer.summary.value != batch_1
-    assert explorer.result.settings["batch_size"] == 64
+    assert explorer.result.setup.batch_size == 64
     explorer.controls["method"].value = "qlora"
     explorer.controls["precision"].value = "nf4-dq"
     explorer.controls["batch_size"].value = 1
@@ -230,7 +254,7 @@ def test_vram_explorer_fit_sentence_follows_the_controls():
     explorer.controls["attn_implementation"].value = "eager"
     explorer.controls["optimizer"].value = "sgd"
     explorer.controls["seq_len"].value = 1024
-    assert explorer.result.settings == {
+    assert explorer.result.setup.settings() == {
         "method": "qlora",
         "batch_size": 1,
         "seq_len": 1024,
@@ -238,11 +262,12 @@ def test_vram_explorer_fit_sentence_follows_the_controls():
         "optimizer": "sgd",
         "grad_checkpointing": True,
         "attn_implementation": "eager",
+        "device": "cuda",
     }
 
 
 def test_vram_explorer_shows_errors_as_sentences(monkeypatch):
-    explorer = widgets.vram_explorer(architecture="llama-3-8b", method="lora", precision="nf4")
+    explorer = widgets.vram_explorer("llama-3-8b", memory.Setup(method="lora", precision="nf4"))
     assert explorer.error is None
     explorer.controls["method"].value = "full"
     assert "cannot be trained by 'full'" in explorer.summary.value and explorer.result is None

@@ -43,8 +43,8 @@ Every ΔT steps, the triplets with the lowest scores *across all layers* have λ
 step T − t_final the final choice is made and fixed: from then on the same triplets are re-masked after every step
 while the kept ones fine-tune.
 
-**Using it.** ``apply`` adds the layers; :class:`RankAllocator` does the bookkeeping and must be called by hand
-after every optimizer step, exactly as peft's ``model.base_model.update_and_allocate(global_step)``::
+**Using it.** ``apply`` adds the layers; :class:`RankAllocator` does the bookkeeping after every optimizer step,
+exactly as peft's ``model.base_model.update_and_allocate(global_step)``::
 
     loss = model(**batch).loss + config.orth_reg_weight * orthogonality_loss(model)
     loss.backward()
@@ -52,7 +52,8 @@ after every optimizer step, exactly as peft's ``model.base_model.update_and_allo
     allocator.update_and_allocate(model, step)    # step = 1, 2, ..., total_steps
     optimizer.zero_grad()
 
-:func:`train_adalora` is that loop, built from :mod:`peftlab.train`'s AdamW and learning-rate schedule.
+:func:`peftlab.train.train` runs that loop by itself for a model with AdaLoRA: it asks the method registry for
+:func:`training_hooks` (the loss with the orthogonality term, the allocator after each step).
 
 **Same as peft** (tests/test_adalora.py checks each against peft 0.21): the forward pass for the same P, λ, Q; the
 trainable parameter count; the budget schedule step by step (and when it masks); the orthogonality term and so the
@@ -67,15 +68,15 @@ here the choice is the boolean buffer ``rank_mask`` of each layer and the tensor
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from peftlab import train
-from peftlab.methods import lora
+from peftlab.methods import layers, lora, targets
+from peftlab.methods.hooks import TrainingHooks
+from peftlab.methods.layers import DEFAULT_ADAPTER, AdapterLayer
+from peftlab.methods.targets import LINEAR
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -152,39 +153,48 @@ def adalora_parameter_count(in_features: int, out_features: int, r: int) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # The layer
 # ----------------------------------------------------------------------------------------------------------------
-class AdaLoRALinear(nn.Module):
+class AdaLoRALinear(AdapterLayer):
     """A frozen linear layer plus ΔW = P diag(λ) Q: ``base_layer(x) + P (λ ⊙ (Q x)) · alpha / r``.
 
     ``rank_mask`` (a boolean buffer of length r) says which triplets the :class:`RankAllocator` keeps; it starts
     all true. The parameters are peft's ``lora_B`` (P), ``lora_E`` (λ, there of shape r × 1) and ``lora_A`` (Q).
+    One AdaLoRA adapter per model (its rank budget is the model's).
     """
 
-    def __init__(self, base_layer: nn.Module, r: int, alpha: float):
-        super().__init__()
-        if not isinstance(base_layer, (nn.Linear, Conv1D)):
+    method = "AdaLoRA"
+    named = False
+
+    def __init__(self, base_layer: nn.Module):
+        if not isinstance(base_layer, LINEAR):
             raise TypeError(f"AdaLoRALinear wraps nn.Linear or Conv1D, got {type(base_layer).__name__}.")
-        self.base_layer = base_layer
-        self.in_features, self.out_features = lora._in_out(base_layer)
-        self.r, self.alpha, self.scaling = r, alpha, alpha / r
-        where = {"device": base_layer.weight.device, "dtype": base_layer.weight.dtype}
+        super().__init__(base_layer)
+        self.in_features, self.out_features = targets.in_out(base_layer)
+
+    def add(self, adapter: str, config: AdaLoRAConfig) -> None:
+        self._added(adapter)
+        r, where = config.init_r, layers.placement(self.base_layer)
+        self.r, self.alpha, self.scaling = r, config.alpha, config.alpha / r
         self.lora_P = nn.Parameter(torch.empty(self.out_features, r, **where))  # left singular vectors
         self.lora_lambda = nn.Parameter(torch.zeros(r, **where))  # singular values
         self.lora_Q = nn.Parameter(torch.empty(r, self.in_features, **where))  # right singular vectors
         nn.init.normal_(self.lora_P, std=0.02)
         nn.init.normal_(self.lora_Q, std=0.02)
-        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=base_layer.weight.device))
+        self.register_buffer("rank_mask", torch.ones(r, dtype=torch.bool, device=where["device"]))
 
-    @property
-    def weight(self) -> nn.Parameter:
-        return self.base_layer.weight
-
-    @property
-    def bias(self) -> nn.Parameter | None:
-        return self.base_layer.bias
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return [self.lora_P, self.lora_lambda, self.lora_Q]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.applied():
+            return self.base_layer(x)
         update = ((x @ self.lora_Q.T) * self.lora_lambda) @ self.lora_P.T
         return self.base_layer(x) + update * self.scaling
+
+    def describe(self) -> dict:
+        """Saves x and Q·x as LoRA saves x and A·x (plus r numbers for λ, left out)."""
+        if not self.applied():
+            return {}
+        return {"lora_rank": self.r, "lora_a_trains": self.lora_Q.requires_grad}
 
     def extra_repr(self) -> str:
         return f"r={self.r}, kept={int(self.rank_mask.sum())}, alpha={self.alpha}, scaling={self.scaling:.4g}"
@@ -192,44 +202,47 @@ class AdaLoRALinear(nn.Module):
 
 def adalora_layers(model: nn.Module) -> dict[str, AdaLoRALinear]:
     """The model's AdaLoRA layers by module name."""
-    return {name: module for name, module in model.named_modules() if isinstance(module, AdaLoRALinear)}
+    return layers.adapter_layers(model, AdaLoRALinear)
 
 
 def _layers_of(model: nn.Module) -> dict[str, AdaLoRALinear]:
-    layers = adalora_layers(model)
-    if not layers:
+    found = adalora_layers(model)
+    if not found:
         raise ValueError(
             f"{type(model).__name__} has no AdaLoRA layers: call adalora.apply(model, AdaLoRAConfig(...)) first."
         )
-    return layers
+    return found
 
 
-def apply(model: nn.Module, config: AdaLoRAConfig) -> nn.Module:
+def config_of(model: nn.Module) -> AdaLoRAConfig:
+    """The AdaLoRA config in the model's record."""
+    applied = layers.record(model)
+    if applied is None or applied.method != "adalora":
+        raise ValueError("No AdaLoRA on this model: call adalora.apply(model, AdaLoRAConfig(...)) first.")
+    return applied.config
+
+
+def apply(model: nn.Module, config: AdaLoRAConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """Freeze every parameter and wrap each target layer in an :class:`AdaLoRALinear` of rank ``init_r``; P, λ and
-    Q train, and the ``modules_to_save`` in full. The config is kept as ``model.adalora_config`` (for
-    :class:`RankAllocator` and :func:`train_adalora`)."""
+    Q train, and the ``modules_to_save`` in full. The config is kept in the model's record (for
+    :class:`RankAllocator` and the training loop)."""
     if not isinstance(config, AdaLoRAConfig):
         raise TypeError(f"adalora.apply takes an AdaLoRAConfig, got {type(config).__name__}.")
     if adalora_layers(model):
         raise ValueError("AdaLoRA is already applied to this model: apply it once (load a fresh model to start over).")
     # LoRA's choice of layers and heads, with its errors (no match, not linear, a head that is also a target).
-    selection = config.as_lora_config()
-    targets = lora._targets(model, selection)
-    heads = lora._modules_to_save(model, selection)
-    for name, layer in targets.items():
-        in_features, out_features = lora._in_out(layer)
-        if config.init_r > min(in_features, out_features):
-            raise ValueError(
-                f"init_r={config.init_r} is larger than the layer {name} ({in_features} → {out_features}), whose "
-                f"update has rank at most {min(in_features, out_features)}: lower init_r (and target_r) or leave this "
-                "layer out of target_modules."
-            )
+    found, heads = lora.find_targets(model, config.as_lora_config(), adapter, method="adalora")
+    for name, layer in found.items():
+        lora.check_rank(name, layer, config.init_r, field="init_r")
     model.requires_grad_(False)
-    for name, layer in targets.items():
-        model.set_submodule(name, AdaLoRALinear(layer, config.init_r, config.alpha))
+    for name, layer in found.items():
+        wrapped = AdaLoRALinear(layer)
+        wrapped.add(adapter, config)
+        model.set_submodule(name, wrapped)
     for head in heads.values():
         head.requires_grad_(True)
-    model.adalora_config = config
+    layers.remember(model, "adalora", adapter, config)
+    layers.set_active(model, adapter)
     return model
 
 
@@ -257,17 +270,15 @@ class RankAllocator:
 
     Call :meth:`update_and_allocate` after ``loss.backward()`` (and after ``optimizer.step()``) and before
     ``optimizer.zero_grad()``, once per optimizer step, with step = 1, 2, ..., ``total_steps``: it reads the
-    gradients. Like peft's ``model.base_model.update_and_allocate(global_step)``, nothing calls it for you
-    (:func:`train_adalora` does).
+    gradients. :func:`peftlab.train.train` calls it (see :func:`training_hooks`); by hand, call it as peft's
+    ``model.base_model.update_and_allocate(global_step)``.
     """
 
     def __init__(self, model: nn.Module, config: AdaLoRAConfig | None = None):
-        self.config = config or getattr(model, "adalora_config", None)
-        if not isinstance(self.config, AdaLoRAConfig):
-            raise ValueError("No AdaLoRAConfig: pass one, or use a model made by adalora.apply.")
-        layers = _layers_of(model)
-        self.initial_budget = sum(layer.r for layer in layers.values())
-        self.target_budget = self.config.target_r * len(layers)
+        self.config = config or config_of(model)
+        found = _layers_of(model)
+        self.initial_budget = sum(layer.r for layer in found.values())
+        self.target_budget = self.config.target_r * len(found)
         self.sensitivity: dict[str, torch.Tensor] = {}  # Ī per parameter ("<layer>.lora_P", ...)
         self.uncertainty: dict[str, torch.Tensor] = {}  # Ū per parameter
 
@@ -322,9 +333,9 @@ class RankAllocator:
         everything = torch.cat(list(scores.values()))
         keep = torch.zeros(len(everything), dtype=torch.bool, device=everything.device)
         keep[everything.topk(budget).indices] = True
-        layers = _layers_of(model)
+        found = _layers_of(model)
         for name, kept in zip(scores, keep.split([len(s) for s in scores.values()]), strict=True):
-            layers[name].rank_mask.copy_(kept)
+            found[name].rank_mask.copy_(kept)
         self.apply_masks(model)
 
     @torch.no_grad()
@@ -353,28 +364,22 @@ class RankAllocator:
 # ----------------------------------------------------------------------------------------------------------------
 # Training
 # ----------------------------------------------------------------------------------------------------------------
-def train_adalora(
-    model: nn.Module, loader: Iterable[dict], config: train.TrainConfig, *, progress: bool = False
-) -> tuple[train.History, RankAllocator]:
-    """:func:`peftlab.train.train` with AdaLoRA's two additions: the orthogonality term in the loss
-    (``regulariser``) and ``allocator.update_and_allocate(model, step)`` after each optimizer step (``after_step``:
-    it reads the gradients, so before they are cleared).
-
-    ``config.max_steps`` must equal the AdaLoRA config's ``total_steps`` (the budget schedule ends there). Returns
-    the history (losses are the task loss, without the regulariser) and the allocator (its scores, its budget).
-    """
-    adalora_config = getattr(model, "adalora_config", None)
-    if not isinstance(adalora_config, AdaLoRAConfig):
-        raise ValueError("train_adalora trains a model made by adalora.apply(model, AdaLoRAConfig(...)).")
-    if config.max_steps != adalora_config.total_steps:
+def training_hooks(model: nn.Module, train_config) -> TrainingHooks:
+    """What :func:`peftlab.train.train` needs for AdaLoRA: a loss with the orthogonality term (the task loss and
+    the term are logged apart) and the rank allocator after each optimizer step (it reads the gradients, so before
+    they are cleared). ``train_config.max_steps`` must equal ``total_steps``: the budget schedule ends there."""
+    config = config_of(model)
+    if train_config.max_steps != config.total_steps:
         raise ValueError(
-            f"TrainConfig.max_steps={config.max_steps} but AdaLoRAConfig.total_steps={adalora_config.total_steps}: "
+            f"TrainConfig.max_steps={train_config.max_steps} but AdaLoRAConfig.total_steps={config.total_steps}: "
             "the budget schedule is set for total_steps, so make the two equal."
         )
-    allocator = RankAllocator(model)
-    history = train.train(
-        model, loader, config,
-        regulariser=lambda m: adalora_config.orth_reg_weight * orthogonality_loss(m),
-        after_step=allocator.update_and_allocate, progress=progress, description="adalora",
-    )  # fmt: skip
-    return history, allocator
+    allocator = RankAllocator(model, config)
+
+    def loss_fn(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
+        task_loss = model(**batch).loss
+        orthogonality = orthogonality_loss(model)
+        metrics = {"task_loss": task_loss.item(), "orthogonality": orthogonality.item()}
+        return task_loss + config.orth_reg_weight * orthogonality, metrics
+
+    return TrainingHooks(loss_fn=loss_fn, after_step=allocator.update_and_allocate, state=allocator)

@@ -9,7 +9,8 @@ non-linearity f, projects back up, and adds the result to its input:
 so one adapter has 2dm + d + m parameters (:func:`adapter_parameter_count`). Houlsby places two adapters in every
 block, *sequentially*: one after the attention output projection and one after the feed-forward output
 projection, each before the residual add (and before BERT's LayerNorm). Here each is inserted by wrapping that
-projection: ``AdapterWrapped(base, adapter)(x) = adapter(base(x))``.
+projection: ``AdapterWrapped(base_layer)(x) = adapter(base_layer(x))``. A model holds several named adapters (the
+ground of AdapterFusion); the active ones run one after the other (AdapterHub's "Stack").
 
 =========  ===========================  ============================
 family     ``"attention"`` wraps        ``"ffn"`` wraps
@@ -41,20 +42,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from peftlab.models import family, transformer_blocks
+from peftlab.families import family_of, transformer_blocks
+from peftlab.methods import layers, targets
+from peftlab.methods.layers import DEFAULT_ADAPTER, AdapterLayer
+from peftlab.methods.targets import LINEAR
 from peftlab.params import kind_of, layer_of
 
-PLACEMENTS = ("attention", "ffn")
+#: Where each placement goes: after the projection of this role (see :mod:`peftlab.families`).
+PLACEMENTS = {"attention": "o", "ffn": "down"}
 NON_LINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU}
-
-#: The output projection each placement wraps, relative to its block.
-WRAPPED = {
-    "llama": {"attention": "self_attn.o_proj", "ffn": "mlp.down_proj"},
-    "gpt2": {"attention": "attn.c_proj", "ffn": "mlp.c_proj"},
-    "bert": {"attention": "attention.output.dense", "ffn": "output.dense"},
-}
 
 
 @dataclass(frozen=True)
@@ -67,7 +64,7 @@ class AdapterConfig:
     """
 
     bottleneck: int = 64
-    placement: tuple[str, ...] = PLACEMENTS
+    placement: tuple[str, ...] = tuple(PLACEMENTS)
     non_linearity: str = "relu"
     init_scale: float = 1e-3
     train_norms: bool = True
@@ -78,11 +75,11 @@ class AdapterConfig:
         object.__setattr__(self, "placement", placement)
         if self.layers is not None:
             object.__setattr__(self, "layers", tuple(self.layers))
-        if self.bottleneck < 1:
-            raise ValueError(f"bottleneck must be at least 1, got {self.bottleneck}.")
+        if isinstance(self.bottleneck, bool) or not isinstance(self.bottleneck, int) or self.bottleneck < 1:
+            raise ValueError(f"bottleneck must be a whole number of at least 1, got {self.bottleneck!r}.")
         unknown = [p for p in self.placement if p not in PLACEMENTS]
         if unknown or not self.placement or len(set(self.placement)) != len(self.placement):
-            raise ValueError(f"placement must be one or both of {PLACEMENTS}, each once; got {self.placement}.")
+            raise ValueError(f"placement must be one or both of {tuple(PLACEMENTS)}, each once; got {self.placement}.")
         if self.non_linearity not in NON_LINEARITIES:
             raise ValueError(f"Unknown non_linearity {self.non_linearity!r}; use one of {', '.join(NON_LINEARITIES)}.")
         if self.init_scale <= 0:
@@ -117,47 +114,60 @@ class BottleneckAdapter(nn.Module):
         return h + self.up(self.act(self.down(h)))
 
 
-class AdapterWrapped(nn.Module):
-    """A frozen projection followed by its adapter: ``adapter(base(x))``."""
+class AdapterWrapped(AdapterLayer):
+    """A frozen projection followed by its active adapters: ``adapter_k(… adapter_1(base_layer(x)))``."""
 
-    def __init__(self, base: nn.Module, adapter: BottleneckAdapter):
-        super().__init__()
-        self.base = base
-        self.adapter = adapter
+    method = "bottleneck adapters"
+
+    def __init__(self, base_layer: nn.Module):
+        if not isinstance(base_layer, LINEAR):
+            raise TypeError(f"Adapters wrap nn.Linear or Conv1D projections, not {type(base_layer).__name__}.")
+        super().__init__(base_layer)
+        self.out_features = targets.in_out(base_layer)[1]
+        self.adapter = nn.ModuleDict()
+
+    def add(self, name: str, config: AdapterConfig) -> None:
+        self._added(name)
+        self.adapter[name] = BottleneckAdapter(self.out_features, config.bottleneck, config.non_linearity,
+                                               config.init_scale, **layers.placement(self.base_layer))  # fmt: skip
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return list(self.adapter[name].parameters())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.adapter(self.base(x))
+        h = self.base_layer(x)
+        for name in self.applied():
+            h = self.adapter[name](h)
+        return h
+
+    def describe(self) -> dict:
+        return {"adapter_bottleneck": sum(self.adapter[name].down.out_features for name in self.applied())}
 
 
-def _out_features(module: nn.Module) -> int:
-    if isinstance(module, nn.Linear):
-        return module.out_features
-    if isinstance(module, Conv1D):
-        return module.weight.shape[1]  # Conv1D stores its weight as [in, out]
-    raise TypeError(f"Adapters wrap nn.Linear or Conv1D projections, not {type(module).__name__}.")
-
-
-def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
-    """Freeze the model, wrap the chosen output projections with adapters, and train the adapters (and norms).
+def apply(model: nn.Module, config: AdapterConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Freeze the model, wrap the chosen output projections with adapters (or add ``adapter`` to those there are),
+    and train the adapters (and norms). Every check runs before the model changes.
 
     Works on the meta device (``peftlab.models.meta_model``): the adapters are created where the weights are.
     """
     if not isinstance(config, AdapterConfig):
         raise TypeError(f"adapter.apply takes an AdapterConfig, got {type(config).__name__}.")
-    if any(isinstance(module, AdapterWrapped) for module in model.modules()):
-        raise ValueError(f"{type(model).__name__} already has adapters: apply adapters to a fresh base model.")
-    layout = family(model, needed_by="Adapters")
+    layers.check_can_add(model, "adapter", adapter)
+    family = family_of(model, needed_by="Adapters")
     blocks_name, blocks = transformer_blocks(model, needed_by="Adapters")
-    layers = range(len(blocks)) if config.layers is None else config.layers
-    out_of_range = [i for i in layers if i >= len(blocks)]
+    chosen = range(len(blocks)) if config.layers is None else config.layers
+    out_of_range = [i for i in chosen if i >= len(blocks)]
     if out_of_range:
         raise ValueError(
             f"layers {out_of_range} out of range: {type(model).__name__} has {len(blocks)} blocks, "
             f"choose from 0..{len(blocks) - 1}."
         )
-    targets = [(blocks[i], WRAPPED[layout][placement]) for i in layers for placement in config.placement]
-    for block, path in targets:
-        d = _out_features(block.get_submodule(path))
+    paths = [f"{blocks_name}.{i}.{family.path(PLACEMENTS[p])}" for i in chosen for p in config.placement]
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, AdapterLayer) and not isinstance(module, AdapterWrapped):
+            raise ValueError(f"{path} already carries {module.method}: apply one method per model.")
+        d = targets.in_out(module)[1] if isinstance(module, LINEAR) else module.out_features
         if config.bottleneck > d:
             raise ValueError(
                 f"bottleneck={config.bottleneck} is wider than the hidden size d={d}: an adapter must be a "
@@ -168,15 +178,15 @@ def apply(model: nn.Module, config: AdapterConfig) -> nn.Module:
     if config.train_norms:
         modules = dict(model.named_modules())
         for name, param in model.named_parameters():
-            in_adapted_block = name.startswith(f"{blocks_name}.") and layer_of(name) in layers
+            in_adapted_block = name.startswith(f"{blocks_name}.") and layer_of(name) in chosen
             if in_adapted_block and kind_of(name, modules[name.rsplit(".", 1)[0]]) == "norm":
                 param.requires_grad_(True)
-    for block, path in targets:
-        parent_path, _, attribute = path.rpartition(".")
-        parent = block.get_submodule(parent_path)
-        base = getattr(parent, attribute)
-        weight = base.weight
-        adapter = BottleneckAdapter(_out_features(base), config.bottleneck, config.non_linearity, config.init_scale,
-                                    device=weight.device, dtype=weight.dtype)  # fmt: skip
-        setattr(parent, attribute, AdapterWrapped(base, adapter))
+    for path in paths:
+        module = model.get_submodule(path)
+        layer = module if isinstance(module, AdapterWrapped) else AdapterWrapped(module)
+        layer.add(adapter, config)
+        if layer is not module:
+            model.set_submodule(path, layer)
+    layers.remember(model, "adapter", adapter, config)
+    layers.set_active(model, adapter)
     return model

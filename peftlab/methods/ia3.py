@@ -22,7 +22,7 @@ Because l is diagonal, it folds into the weights, so a merged model costs nothin
 weights and counts against peft 0.21): ``target_modules`` and ``feedforward_modules`` are either names — a
 module matches when its full name is the name or ends with ``"." + name`` — or one regular expression that must
 match the full module name (``re.fullmatch``). Feed-forward modules get input scaling and must be among the
-targets; the others get output scaling. ``None`` takes the family's default (``DEFAULT_TARGETS``):
+targets; the others get output scaling. ``None`` takes the family's default (``peftlab.families``):
 
 * Llama: ``k_proj``, ``v_proj``, ``down_proj`` (feed-forward: ``down_proj``), as peft;
 * GPT-2: ``c_attn``, ``mlp.c_proj`` (feed-forward: ``mlp.c_proj``), as peft. GPT-2 computes q, k and v with one
@@ -38,24 +38,16 @@ targets; the others get output scaling. ``None`` takes the family's default (``D
 
 from __future__ import annotations
 
-import difflib
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
-from peftlab.models import family
-
-_BERT_FFN_DOWN = r".*\.layer\.\d+\.output\.dense"
-#: family → (target_modules, feedforward_modules).
-DEFAULT_TARGETS = {
-    "llama": (("k_proj", "v_proj", "down_proj"), ("down_proj",)),
-    "gpt2": (("c_attn", "mlp.c_proj"), ("mlp.c_proj",)),
-    "bert": (rf".*\.attention\.self\.(key|value)|{_BERT_FFN_DOWN}", _BERT_FFN_DOWN),
-}
+from peftlab.families import family_of
+from peftlab.methods import layers, targets
+from peftlab.methods.layers import DEFAULT_ADAPTER, AdapterLayer
+from peftlab.methods.targets import LINEAR
 
 Targets = str | tuple[str, ...]
 
@@ -95,159 +87,178 @@ class IA3Config:
                 )
 
 
-class IA3Scaled(nn.Module):
-    """A frozen ``nn.Linear`` or ``Conv1D`` whose output (``scale_input=False``) or input is scaled by ``ia3_l``."""
+class IA3Scaled(AdapterLayer):
+    """A frozen ``nn.Linear`` or ``Conv1D`` whose output (``scale_input=False``) or input is scaled by the active
+    adapters' vectors ``ia3_l[name]`` (several active vectors multiply)."""
 
-    def __init__(self, base: nn.Module, scale_input: bool):
-        super().__init__()
-        if not isinstance(base, nn.Linear | Conv1D):
-            raise TypeError(f"(IA)³ scales nn.Linear or Conv1D layers, not {type(base).__name__}.")
-        self.base = base
+    method = "(IA)³"
+
+    def __init__(self, base_layer: nn.Module, scale_input: bool):
+        if not isinstance(base_layer, LINEAR):
+            raise TypeError(f"(IA)³ scales nn.Linear or Conv1D layers, not {type(base_layer).__name__}.")
+        super().__init__(base_layer)
         self.scale_input = scale_input
-        in_features, out_features = _in_out_features(base)
-        features = in_features if scale_input else out_features
-        self.ia3_l = nn.Parameter(torch.ones(features, device=base.weight.device, dtype=base.weight.dtype))
-        self.merged = False
+        self.in_features, self.out_features = targets.in_out(base_layer)
+        self.ia3_l = nn.ParameterDict()
+
+    def add(self, adapter: str) -> None:
+        """A vector of ones: the model starts unchanged."""
+        self._added(adapter)
+        features = self.in_features if self.scale_input else self.out_features
+        self.ia3_l[adapter] = nn.Parameter(torch.ones(features, **layers.placement(self.base_layer)))
+
+    def adapter_parameters(self, adapter: str) -> list[nn.Parameter]:
+        return [self.ia3_l[adapter]]
+
+    def scaling(self, adapters: list[str]) -> torch.Tensor | None:
+        """The product of the given adapters' vectors (``None`` for none)."""
+        vectors = [self.ia3_l[adapter] for adapter in adapters]
+        if not vectors:
+            return None
+        product = vectors[0]
+        for vector in vectors[1:]:
+            product = product * vector
+        return product
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:  # l is already in the weights
-            return self.base(x)
+        scale = self.scaling(self.applied())
+        if scale is None:
+            return self.base_layer(x)
         if self.scale_input:
-            return self.base(x * self.ia3_l)
-        return self.base(x) * self.ia3_l
+            return self.base_layer(x * scale)
+        return self.base_layer(x) * scale
+
+    def _weight_scaling(self, vector: torch.Tensor) -> torch.Tensor:
+        """l shaped to multiply the base weight: rows or columns, for nn.Linear ([out, in]) or Conv1D ([in, out])."""
+        scaled_dim = 1 if self.scale_input else 0  # as in nn.Linear's [out, in]
+        if self.fan_in_fan_out:
+            scaled_dim = 1 - scaled_dim
+        shape = [1, 1]
+        shape[scaled_dim] = -1
+        return vector.detach().reshape(shape)
+
+    @property
+    def fan_in_fan_out(self) -> bool:
+        return not isinstance(self.base_layer, nn.Linear)  # GPT-2's Conv1D stores its weight as [in, out]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W' = diag(l) W, b' = l ⊙ b (output scaling); W' = W diag(l) (input scaling), for the active vectors.
+        While merged, the vectors are frozen: training them would change nothing (they are no longer applied)."""
+        if self.merged:
+            raise ValueError("The (IA)³ vectors are already merged: unmerge first (merging twice would scale twice).")
+        scale = self.scaling(self.active)
+        self.base_layer.weight.mul_(self._weight_scaling(scale))
+        if not self.scale_input and self.base_layer.bias is not None:
+            self.base_layer.bias.mul_(scale)
+        self.merged = list(self.active)
+        for adapter in self.merged:
+            self.ia3_l[adapter].requires_grad_(False)
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Divide the merged vectors out again (exact up to rounding; l must have no zero)."""
+        if not self.merged:
+            raise ValueError("The (IA)³ vectors are not merged: there is nothing to unmerge.")
+        scale = self.scaling(self.merged)
+        if (scale == 0).any():
+            raise ValueError(
+                "An (IA)³ vector has a zero entry: the weights it zeroed cannot be recovered by unmerging."
+            )
+        self.base_layer.weight.div_(self._weight_scaling(scale))
+        if not self.scale_input and self.base_layer.bias is not None:
+            self.base_layer.bias.div_(scale)
+        for adapter in self.merged:
+            self.ia3_l[adapter].requires_grad_(True)
+        self.merged = []
+
+    def describe(self) -> dict:
+        return {"ia3": ("input" if self.scale_input else "output")} if self.applied() else {}
 
     def extra_repr(self) -> str:
-        return f"scale_input={self.scale_input}, merged={self.merged}"
-
-
-def _in_out_features(module: nn.Module) -> tuple[int, int]:
-    if isinstance(module, Conv1D):
-        return tuple(module.weight.shape)  # Conv1D stores its weight as [in, out]
-    return module.in_features, module.out_features
-
-
-def _matches(targets: Targets, name: str) -> bool:
-    """peft's rule: a regular expression must match the whole name; a name must be it or its dotted suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == target or name.endswith(f".{target}") for target in targets)
-
-
-def _close_names(model: nn.Module, wanted: str) -> str:
-    """A hint listing the model's linear layers, nearest to ``wanted`` first."""
-    layer_names = sorted({name.split(".")[-1] for name, module in model.named_modules()
-                          if isinstance(module, nn.Linear | Conv1D)})  # fmt: skip
-    close = difflib.get_close_matches(wanted.split(".")[-1], layer_names, n=3, cutoff=0.5)
-    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-    return f"{hint} Its linear layers are named: {', '.join(layer_names)}."
+        return f"scale_input={self.scale_input}, adapters={self.adapter_names}, merged={self.merged}"
 
 
 def resolve_targets(model: nn.Module, config: IA3Config) -> dict[str, bool]:
-    """The modules ``config`` adapts: full name → whether its input (True) or its output (False) is scaled."""
+    """The modules ``config`` adapts: full name → whether its input (True) or its output (False) is scaled. Every
+    error is raised here, before anything changes."""
     target_modules, feedforward_modules = config.target_modules, config.feedforward_modules
     if target_modules is None or feedforward_modules is None:
-        needed_by = "(IA)³'s default targets (or pass target_modules and feedforward_modules)"
-        default_targets, default_feedforward = DEFAULT_TARGETS[family(model, needed_by=needed_by)]
-        target_modules = default_targets if target_modules is None else target_modules
-        feedforward_modules = default_feedforward if feedforward_modules is None else feedforward_modules
-
-    names = [name for name, _ in model.named_modules() if name]
-    if isinstance(target_modules, str):
-        if not any(_matches(target_modules, name) for name in names):
-            raise ValueError(
-                f"target_modules {target_modules!r} matches no module of {type(model).__name__}."
-                + _close_names(model, target_modules)
-            )
-    else:
-        for target in target_modules:
-            if not any(_matches((target,), name) for name in names):
-                raise ValueError(
-                    f"target_modules entry {target!r} matches no module of {type(model).__name__}."
-                    + _close_names(model, target)
-                )
-    targets = {name: _matches(feedforward_modules, name) for name in names if _matches(target_modules, name)}
-    stray = [name for name in names if _matches(feedforward_modules, name) and name not in targets]
+        family = family_of(model, needed_by="(IA)³'s default targets (or pass target_modules and feedforward_modules)")
+        target_modules = family.ia3_targets if target_modules is None else target_modules
+        feedforward_modules = family.ia3_feedforward if feedforward_modules is None else feedforward_modules
+    modules = targets.candidates(model)
+    for wanted in [target_modules] if isinstance(target_modules, str) else [(name,) for name in target_modules]:
+        if not any(targets.matches(name, wanted) for name in modules):
+            raise targets.nothing_matched(model, wanted if isinstance(wanted, str) else wanted[0], modules,
+                                          "target_modules")  # fmt: skip
+    chosen = {name: targets.matches(name, feedforward_modules) for name in modules
+              if targets.matches(name, target_modules)}  # fmt: skip
+    stray = [name for name in modules if targets.matches(name, feedforward_modules) and name not in chosen]
     if stray:
         raise ValueError(
             f"feedforward_modules {feedforward_modules!r} matches {stray[0]!r}, which target_modules "
             f"{target_modules!r} does not: add it to target_modules, or pass feedforward_modules=() to scale "
             "no input."
         )
-    return targets
-
-
-def apply(model: nn.Module, config: IA3Config) -> nn.Module:
-    """Freeze the model and wrap every target in :class:`IA3Scaled`, whose vector ``ia3_l`` (ones) trains.
-
-    Works on the meta device (``peftlab.models.meta_model``): the vectors are created where the weights are.
-    """
-    if not isinstance(config, IA3Config):
-        raise TypeError(f"ia3.apply takes an IA3Config, got {type(config).__name__}.")
-    if any(isinstance(module, IA3Scaled) for module in model.modules()):
-        raise ValueError(f"{type(model).__name__} already has (IA)³ vectors: apply (IA)³ to a fresh base model.")
-    targets = resolve_targets(model, config)
-    model.requires_grad_(False)
-    for name, scale_input in targets.items():
-        parent_name, _, attribute = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        base = getattr(parent, attribute)
-        if not isinstance(base, nn.Linear | Conv1D):
+    for name in chosen:
+        module = modules[name]
+        if isinstance(module, AdapterLayer) and not isinstance(module, IA3Scaled):
+            raise ValueError(f"{name} already carries {module.method}: apply one method per model.")
+        if not isinstance(module, (*LINEAR, IA3Scaled)):
             raise TypeError(
-                f"{name!r} is a {type(base).__name__}; (IA)³ scales nn.Linear or Conv1D layers: target the "
+                f"{name!r} is a {type(module).__name__}; (IA)³ scales nn.Linear or Conv1D layers: target the "
                 "projections inside it."
             )
-        setattr(parent, attribute, IA3Scaled(base, scale_input))
+        if isinstance(module, IA3Scaled) and module.scale_input != chosen[name]:
+            raise ValueError(f"{name} scales its {'input' if module.scale_input else 'output'} in the adapters "
+                             "it has: a new adapter must scale the same side (keep feedforward_modules).")  # fmt: skip
+    return chosen
+
+
+def apply(model: nn.Module, config: IA3Config, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Freeze the model and wrap every target in :class:`IA3Scaled`, whose vector ``ia3_l[adapter]`` (ones)
+    trains. Every check runs before the model changes. Works on the meta device (``peftlab.models.meta_model``)."""
+    if not isinstance(config, IA3Config):
+        raise TypeError(f"ia3.apply takes an IA3Config, got {type(config).__name__}.")
+    layers.check_can_add(model, "ia3", adapter)
+    chosen = resolve_targets(model, config)
+    model.requires_grad_(False)
+    for name, scale_input in chosen.items():
+        module = model.get_submodule(name)
+        layer = module if isinstance(module, IA3Scaled) else IA3Scaled(module, scale_input)
+        layer.add(adapter)
+        if layer is not module:
+            model.set_submodule(name, layer)
+    layers.remember(model, "ia3", adapter, config)
+    layers.set_active(model, adapter)
     return model
 
 
-def _scaled_layers(model: nn.Module) -> list[IA3Scaled]:
-    layers = [module for module in model.modules() if isinstance(module, IA3Scaled)]
-    if not layers:
+def _scaled_layers(model: nn.Module) -> dict[str, IA3Scaled]:
+    found = layers.adapter_layers(model, IA3Scaled)
+    if not found:
         raise ValueError(f"{type(model).__name__} has no (IA)³ vectors: call ia3.apply first.")
-    return layers
+    return found
 
 
-def _weight_scaling(layer: IA3Scaled) -> torch.Tensor:
-    """l shaped to multiply the base weight: rows or columns, for nn.Linear ([out, in]) or Conv1D ([in, out])."""
-    scaled_dim = 1 if layer.scale_input else 0  # as in nn.Linear's [out, in]
-    if isinstance(layer.base, Conv1D):
-        scaled_dim = 1 - scaled_dim
-    shape = [1, 1]
-    shape[scaled_dim] = -1
-    return layer.ia3_l.detach().reshape(shape)
-
-
-@torch.no_grad()
 def merge(model: nn.Module) -> nn.Module:
-    """Fold every l into its weights: W' = diag(l) W, b' = l ⊙ b (output scaling); W' = W diag(l) (input scaling).
-
-    The wrappers stay, marked merged, and skip the scaling; :func:`unmerge` divides it out again. While merged,
-    the vectors are frozen: training them would change nothing (they are no longer in the forward pass).
-    """
-    layers = _scaled_layers(model)
-    if any(layer.merged for layer in layers):
+    """Fold every active l into its weights (see :meth:`IA3Scaled.merge`); :func:`unmerge` divides it out again."""
+    found = _scaled_layers(model)
+    if any(layer.merged for layer in found.values()):
         raise ValueError("The (IA)³ vectors are already merged: unmerge first (merging twice would scale twice).")
-    for layer in layers:
-        layer.base.weight.mul_(_weight_scaling(layer))
-        if not layer.scale_input and layer.base.bias is not None:
-            layer.base.bias.mul_(layer.ia3_l)
-        layer.merged = True
-        layer.ia3_l.requires_grad_(False)
+    for layer in found.values():
+        layer.merge()
     return model
 
 
-@torch.no_grad()
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge`: divide each l out of its weights (exact up to rounding; l must have no zero)."""
-    layers = _scaled_layers(model)
-    if not all(layer.merged for layer in layers):
+    """Undo :func:`merge` (exact up to rounding; l must have no zero)."""
+    found = _scaled_layers(model)
+    if not all(layer.merged for layer in found.values()):
         raise ValueError("The (IA)³ vectors are not merged: there is nothing to unmerge.")
-    if any((layer.ia3_l == 0).any() for layer in layers):
+    if any((layer.scaling(layer.merged) == 0).any() for layer in found.values()):
         raise ValueError("An (IA)³ vector has a zero entry: the weights it zeroed cannot be recovered by unmerging.")
-    for layer in layers:
-        layer.base.weight.div_(_weight_scaling(layer))
-        if not layer.scale_input and layer.base.bias is not None:
-            layer.base.bias.div_(layer.ia3_l)
-        layer.merged = False
-        layer.ia3_l.requires_grad_(True)
+    for layer in found.values():
+        layer.unmerge()
     return model

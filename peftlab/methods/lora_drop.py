@@ -12,8 +12,9 @@ what it adds, on data:
 
 3. **Select.** Sort the layers by I_i, largest first, and keep the fewest whose importances add up to at least the
    threshold T (e.g. 0.9) (:func:`kept_layers`).
-4. **Share.** A fresh model gets LoRA again (:func:`apply`): each kept layer has its own A and B; all the other
-   layers share one A and one B (one ΔW = γ B A for all of them). Sharing needs equal shapes, so the dropped layers
+4. **Share.** A fresh model gets LoRA again (:func:`apply`, with the importance in :class:`LoRADropConfig`):
+   each kept layer has its own A and B; all the other layers share one A and one B (one ΔW = γ B A for all of
+   them). Sharing needs equal shapes, so the dropped layers
    are grouped by (d_in, d_out) and each group shares one LoRA: in Llama, the dropped q_proj and o_proj (d → d) share
    one, k_proj and v_proj (d → d_kv) another. Then train the new model on the full data.
 
@@ -28,30 +29,48 @@ left out of the mean. peft has no LoRA-drop, so the tests check the definitions 
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from peftlab import train
-from peftlab.methods import lora
+from peftlab.methods import layers, lora
+from peftlab.methods.layers import DEFAULT_ADAPTER
 from peftlab.methods.lora import LoRAConfig
+
+UNIFORM = "uniform"
 
 
 @dataclass(frozen=True)
 class LoRADropConfig:
-    """``threshold`` T: keep the most important layers until their importances add up to T (1: keep every layer
-    with a non-zero importance; smaller: share more)."""
+    """LoRA-drop's second stage: LoRA as ``lora`` says, the layers chosen by ``importance`` and ``threshold``.
 
+    ``importance``: the layers' importances from :func:`layer_importance` (on a model with the same ``lora``
+    config), or ``"uniform"`` (every layer equally important, for counting parameters without data: ``threshold``
+    then keeps that share of the layers, in name order). ``threshold`` T: keep the most important layers until
+    their importances add up to T (1: keep every layer with a non-zero importance; smaller: share more).
+    """
+
+    importance: Mapping[str, float] | str | None = None
     threshold: float = 0.9
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
 
     def __post_init__(self):
         if isinstance(self.threshold, bool) or not 0 < self.threshold <= 1:
             raise ValueError(
                 f"threshold must be in (0, 1] (a share of the total importance, e.g. 0.9), got {self.threshold!r}."
             )
+        if not isinstance(self.lora, LoRAConfig):
+            raise TypeError(f"LoRADropConfig.lora takes a LoRAConfig, got {type(self.lora).__name__}.")
+        if self.importance is None:
+            raise ValueError(
+                "LoRA-drop needs the layers' importance: measure it with layer_importance(model, sample_loader) on a "
+                "briefly trained LoRA model, or pass importance='uniform' to count parameters without data."
+            )
+        if isinstance(self.importance, str) and self.importance != UNIFORM:
+            raise ValueError(f"importance must be a mapping of layer names to importances, or {UNIFORM!r}.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,7 +97,9 @@ def layer_importance(model: nn.Module, loader: Iterable[dict], max_batches: int 
     def measure(name: str):
         def hook(layer: lora.LoRALinear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
             x = inputs[0]
-            squared = (layer.lora_B(layer.lora_A(x)) * layer.scaling).float().pow(2).sum(dim=-1)  # one per token
+            adapter = layer.active[0]
+            update = layer.lora_B[adapter](layer.lora_A[adapter](x)) * layer.scaling[adapter]
+            squared = update.float().pow(2).sum(dim=-1)  # one per token
             mask = current.get("attention_mask")
             if mask is not None and mask.shape == squared.shape:
                 squared = squared * mask
@@ -97,7 +118,7 @@ def layer_importance(model: nn.Module, loader: Iterable[dict], max_batches: int 
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
-            batch = train.to_device({key: value for key, value in batch.items() if key != "labels"}, device)
+            batch = {key: value.to(device) for key, value in batch.items() if key != "labels"}
             current["attention_mask"] = batch.get("attention_mask")
             model(**batch)
     finally:
@@ -118,7 +139,7 @@ def layer_importance(model: nn.Module, loader: Iterable[dict], max_batches: int 
 
 def kept_layers(importance: dict[str, float], threshold: float) -> list[str]:
     """The fewest layers, most important first, whose importances add up to at least ``threshold``."""
-    LoRADropConfig(threshold)  # the same check, the same message
+    LoRADropConfig(UNIFORM, threshold)  # the same check, the same message
     kept, cumulative = [], 0.0
     for name in sorted(importance, key=importance.get, reverse=True):
         if cumulative >= threshold - 1e-9:  # 1e-9: normalised importances may add up to 0.9999999999 for 1
@@ -131,38 +152,70 @@ def kept_layers(importance: dict[str, float], threshold: float) -> list[str]:
 # ----------------------------------------------------------------------------------------------------------------
 # The new model: own LoRA for the kept layers, one shared LoRA per shape for the others
 # ----------------------------------------------------------------------------------------------------------------
-def apply(model: nn.Module, importance: dict[str, float], lora_config: LoRAConfig, drop_config: LoRADropConfig):
-    """Apply LoRA (``lora_config``) to a fresh ``model`` and make the layers that :func:`kept_layers` leaves out
-    share their A and B, one pair per (d_in, d_out). ``importance`` comes from :func:`layer_importance` on a model
-    with the same ``lora_config``: its names must be exactly this model's LoRA layers.
+def _importance(config: LoRADropConfig, layer_names) -> dict[str, float]:
+    names = list(layer_names)
+    return dict.fromkeys(names, 1 / len(names)) if config.importance == UNIFORM else dict(config.importance)
 
-    The dropped layers literally hold the same ``lora_A`` and ``lora_B`` modules, so their Parameters are the same
-    objects, updated once per step with the gradients of every layer that uses them. The choice is kept as
-    ``model.lora_drop = {"kept": [...], "shared": {(d_in, d_out): [...]}}``.
+
+class Choice(NamedTuple):
+    """Which LoRA layers keep their own A and B, and which share one pair, by (d_in, d_out)."""
+
+    kept: list[str]
+    shared: dict[tuple[int, int], list[str]]
+
+
+def _choose(config: LoRADropConfig, found: dict[str, nn.Module]) -> Choice:
+    kept = kept_layers(_importance(config, found), config.threshold)
+    shared: dict[tuple[int, int], list[str]] = {}
+    for name, module in found.items():
+        if name not in kept:
+            shared.setdefault(lora.targets.in_out(module), []).append(name)
+    return Choice(kept=kept, shared=shared)
+
+
+def choice(model: nn.Module) -> Choice:
+    """The choice the model was made with (from its record: the importance and the threshold)."""
+    applied = layers.record(model)
+    if applied is None or applied.method != "lora-drop":
+        raise ValueError("This model has no LoRA-drop: call lora_drop.apply(model, LoRADropConfig(...)) first.")
+    return _choose(applied.config, lora.lora_layers(model))
+
+
+def apply(model: nn.Module, config: LoRADropConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
+    """Apply LoRA (``config.lora``) to a fresh ``model`` and make the layers that :func:`kept_layers` leaves out
+    share their A and B, one pair per (d_in, d_out). The importance must name exactly this model's LoRA layers.
+
+    The dropped layers literally hold the same ``lora_A[adapter]`` and ``lora_B[adapter]`` modules, so their
+    Parameters are the same objects, updated once per step with the gradients of every layer that uses them
+    (:func:`choice` says which layers kept their own).
     """
-    if not isinstance(drop_config, LoRADropConfig):
-        raise TypeError(f"lora_drop.apply takes a LoRADropConfig, got {type(drop_config).__name__}.")
-    targets = lora._targets(model, lora_config)  # the layers lora.apply will wrap (checked before any change)
-    unknown, missing = sorted(set(importance) - set(targets)), sorted(set(targets) - set(importance))
+    if not isinstance(config, LoRADropConfig):
+        raise TypeError(f"lora_drop.apply takes a LoRADropConfig, got {type(config).__name__}.")
+    found, heads = lora.find_targets(model, config.lora, adapter, method="lora-drop")  # checked before any change
+    importance = _importance(config, found)
+    unknown, missing = sorted(set(importance) - set(found)), sorted(set(found) - set(importance))
     if unknown or missing:
         raise ValueError(
-            f"importance must name exactly the LoRA layers of this model (lora_config={lora_config.target_modules!r}):"
-            f" not in the model: {', '.join(unknown) or 'none'}; no importance for: {', '.join(missing) or 'none'}. "
-            "Measure it with layer_importance on a model with the same LoRAConfig."
+            f"importance must name exactly the LoRA layers of this model (target_modules="
+            f"{config.lora.target_modules!r}): not in the model: {', '.join(unknown) or 'none'}; no importance for: "
+            f"{', '.join(missing) or 'none'}. Measure it with layer_importance on a model with the same LoRAConfig."
         )
-    lora.apply(model, lora_config)
-    layers = lora.lora_layers(model)
-    kept = kept_layers(importance, drop_config.threshold)
-    shared: dict[tuple[int, int], list[str]] = {}
-    for name, layer in layers.items():
-        if name not in kept:
-            shared.setdefault((layer.in_features, layer.out_features), []).append(name)
-    for names in shared.values():
-        owner = layers[names[0]]
+    chosen = _choose(config, found)
+    model.requires_grad_(False)
+    for name, module in found.items():
+        layer = lora.LoRALinear(module, name=name)
+        layer.add(adapter, config.lora)
+        model.set_submodule(name, layer)
+    wrapped = lora.lora_layers(model)
+    for names in chosen.shared.values():
+        owner = wrapped[names[0]]
         for name in names[1:]:
-            layers[name].lora_A = owner.lora_A  # the same module, so the same Parameter
-            layers[name].lora_B = owner.lora_B
-    model.lora_drop = {"kept": kept, "shared": shared}
+            wrapped[name].lora_A[adapter] = owner.lora_A[adapter]  # the same module, so the same Parameter
+            wrapped[name].lora_B[adapter] = owner.lora_B[adapter]
+    for head in heads.values():
+        head.requires_grad_(True)
+    layers.remember(model, "lora-drop", adapter, config)
+    layers.set_active(model, adapter)
     return model
 
 

@@ -37,10 +37,9 @@ from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
 from peftlab import compat
-from peftlab.methods.prompt import check_base, check_positions, freeze
-
-#: ``model_type`` of the families whose attention reads a prefix from a DynamicCache (tested against peft 0.21).
-SUPPORTED_FAMILIES = ("llama", "qwen2", "gpt2", "bert")
+from peftlab.methods import layers
+from peftlab.methods.layers import DEFAULT_ADAPTER, ModelWrapper
+from peftlab.methods.prompt import check_base, check_positions, classification_head, freeze
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -106,13 +105,7 @@ class KVShape:
 
 
 def kv_shape(model_config) -> KVShape:
-    """The prefix shape of a model, from its config; a clear error for a family this module does not support."""
-    if model_config.model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(
-            f"Prefix tuning here supports {', '.join(SUPPORTED_FAMILIES)}; got model_type "
-            f"{model_config.model_type!r}. Use a supported family, or a method that does not touch the attention "
-            "(e.g. peftlab.methods.prompt)."
-        )
+    """The prefix shape of a model, from its config (``n_kv_heads`` keys and values per layer)."""
     heads = model_config.num_attention_heads
     return KVShape(
         num_layers=model_config.num_hidden_layers,
@@ -149,13 +142,11 @@ class PrefixEncoder(nn.Module):
         return self.transform(self.embedding.weight)
 
 
-class PrefixTunedModel(nn.Module):
+class PrefixTunedModel(ModelWrapper):
     """A frozen model whose every attention layer also reads the prefix (fed as the model's KV cache)."""
 
     def __init__(self, base_model: PreTrainedModel, prefix_encoder: PrefixEncoder, shape: KVShape):
-        super().__init__()
-        self.base_model = base_model
-        self.config = base_model.config
+        super().__init__(base_model)
         self.prefix_encoder = prefix_encoder
         self.shape = shape
         self.num_virtual_tokens = prefix_encoder.embedding.num_embeddings
@@ -170,43 +161,79 @@ class PrefixTunedModel(nn.Module):
             [(key.expand(batch_size, -1, -1, -1), value.expand(batch_size, -1, -1, -1)) for key, value in per_layer]
         )
 
+    def _prefix_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.cat([attention_mask.new_ones(attention_mask.shape[0], self.num_virtual_tokens), attention_mask], 1)
+
     def forward(
         self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, position_ids=None, **kwargs
     ):
-        """The base model with the prefix in every layer; the same arguments and output as the base."""
+        """The base model with the prefix in every layer; the same arguments and output as the base. Switched off
+        (:func:`~peftlab.methods.disabled`), the base model alone."""
+        if not self.enabled:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)  # fmt: skip
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        n = self.num_virtual_tokens
-        check_positions(self.config, n, length)
+        check_positions(self.config, self.num_virtual_tokens, length)
         device = (input_ids if input_ids is not None else inputs_embeds).device
         if attention_mask is None:  # BERT sizes its mask from this one: it must cover the prefix too
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
-        attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
         if position_ids is not None:  # the real tokens come after the prefix
-            kwargs["position_ids"] = position_ids + n
+            kwargs["position_ids"] = position_ids + self.num_virtual_tokens
         return self.base_model(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
-            attention_mask=attention_mask,
+            attention_mask=self._prefix_mask(attention_mask),
             labels=labels,
             **{compat.cache_keyword(self.base_model): self.past_key_values(batch)},
             **kwargs,
         )
 
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The base model's ``generate`` with the prefix in every layer: the same arguments and output.
+
+        The prefix is handed to ``generate`` as a filled cache for ``n`` placeholder tokens put in front of the
+        input (``generate`` treats the first ``n`` ids as already in the cache and never embeds them), so the real
+        tokens are numbered from ``n``, as in training; the placeholders are cut from the output. Without a cache
+        (``use_cache=False``) each step runs the whole sequence through a fresh prefix instead.
+        """
+        if not hasattr(self.base_model, "generate"):
+            raise TypeError(f"{type(self.base_model).__name__} is not a causal LM: it has nothing to generate.")
+        if not self.enabled:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        n, batch = self.num_virtual_tokens, input_ids.shape[0]
+        check_positions(self.config, n, input_ids.shape[1] + kwargs.get("max_new_tokens", 0))
+        placeholders = input_ids.new_full((batch, n), self.config.pad_token_id or 0)
+        kwargs.setdefault(compat.cache_keyword(self.base_model), self.past_key_values(batch))
+        output = self.base_model.generate(
+            input_ids=torch.cat([placeholders, input_ids], dim=1),
+            attention_mask=self._prefix_mask(attention_mask),
+            **kwargs,
+        )
+        return output[:, n:]
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # apply, fold and the closed-form counts
 # ----------------------------------------------------------------------------------------------------------------
-def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config) -> PrefixTunedModel:
-    """Freeze ``model`` and return it wrapped with a trainable prefix in every layer. Works on the meta device."""
+def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config,
+          adapter: str = DEFAULT_ADAPTER) -> PrefixTunedModel:  # fmt: skip
+    """Freeze ``model`` and return it wrapped with a trainable prefix in every layer. Every check runs before the
+    model changes. Works on the meta device. One prefix per model."""
     if not isinstance(config, PrefixTuningConfig | PTuningV2Config):
         raise TypeError(f"prefix.apply takes PrefixTuningConfig or PTuningV2Config, got {type(config).__name__}.")
+    layers.check_adapter_name(adapter)
     check_base(model, "prefix.apply")
     shape = kv_shape(model.config)
     compat.cache_keyword(model)  # raises, before anything changes, for a model that takes no KV cache
     if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
         raise ValueError("The prefix travels in the KV cache, which gradient checkpointing drops: turn it off first.")
+    if config.train_head and classification_head(model) is None:
+        freeze(model, train_head=True)  # raises, saying what to change
     reparametrize = isinstance(config, PrefixTuningConfig) and config.reparametrize
     with torch.device(model.get_input_embeddings().weight.device):
         encoder = PrefixEncoder(
@@ -216,7 +243,9 @@ def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config) 
             hidden_size=config.hidden_size if reparametrize else None,
         )
     freeze(model, config.train_head)
-    return PrefixTunedModel(model, encoder, shape)
+    wrapped = PrefixTunedModel(model, encoder, shape)
+    layers.remember(wrapped, "ptuning-v2" if isinstance(config, PTuningV2Config) else "prefix", adapter, config)
+    return wrapped
 
 
 def fold(model: PrefixTunedModel) -> PrefixTunedModel:

@@ -27,6 +27,9 @@ tokens are ``logits[:, n:]``); BERT's ``token_type_ids`` get ``n`` zeros. Positi
 virtual token, so a model with learned absolute positions (BERT, GPT-2) has ``n`` fewer left for the text, and BERT's
 pooler (which reads position 0, normally ``[CLS]``) reads the first virtual token. A fresh classification head
 stays frozen unless ``train_head=True`` (peft always trains it for ``SEQ_CLS``).
+
+A wrapped causal LM generates as its base does (:meth:`VirtualTokenModel.generate`, the same arguments), with the
+soft prompt in front of the input; ``with peftlab.methods.disabled(model)`` runs the base alone.
 """
 
 from __future__ import annotations
@@ -38,12 +41,14 @@ import torch
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
+from peftlab.families import family_of
+from peftlab.methods import layers
+from peftlab.methods.layers import DEFAULT_ADAPTER, ModelWrapper
+
 INITS = ("random", "vocab", "text")
 ENCODERS = ("mlp", "lstm")
 #: Names of the task heads of sequence classifiers (BERT: ``classifier``; Llama & co.: ``score``), as in peft.
 HEAD_NAMES = ("classifier", "score")
-#: Families whose positions are learned embeddings: the virtual tokens use up ``n`` of them.
-ABSOLUTE_POSITIONS = ("bert", "gpt2")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,23 +64,41 @@ class PromptTuningConfig:
     """Prompt tuning: ``num_virtual_tokens`` learned vectors in front of the input embeddings.
 
     ``init``: ``"random"`` (uniform in [-0.5, 0.5]), ``"vocab"`` (embeddings of random vocabulary tokens) or
-    ``"text"`` (embeddings of ``init_text``, tokenised by the tokenizer given to :func:`apply`). ``train_head``
-    also trains a classifier's head (``classifier`` / ``score``).
+    ``"text"`` (the embeddings of ``init_token_ids``, the tokens of ``init_text``: build it with
+    :meth:`from_text`; a text of more tokens than the prompt is cut to its first ``n``, a shorter one repeated, as
+    peft does). ``train_head`` also trains a classifier's head (``classifier`` / ``score``).
     """
 
     num_virtual_tokens: int = 20
     init: str = "random"
     init_text: str | None = None
+    init_token_ids: tuple[int, ...] | None = None
     train_head: bool = False
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
         if self.init not in INITS:
             raise ValueError(f"Unknown init {self.init!r}; use one of {', '.join(map(repr, INITS))}.")
-        if self.init == "text" and not self.init_text:
-            raise ValueError('init="text" needs the text: pass init_text="..." (or use init="random" or "vocab").')
-        if self.init != "text" and self.init_text is not None:
+        if self.init == "text" and not self.init_token_ids:
+            raise ValueError(
+                'init="text" needs the text\'s tokens: build the config with '
+                "PromptTuningConfig.from_text(text, tokenizer, ...) (or use init='random' or 'vocab')."
+            )
+        if self.init != "text" and (self.init_text is not None or self.init_token_ids is not None):
             raise ValueError(f'init_text is only read with init="text", but init={self.init!r}: set init="text".')
+        if self.init_token_ids is not None:
+            object.__setattr__(self, "init_token_ids", tuple(int(i) for i in self.init_token_ids))
+
+    @classmethod
+    def from_text(cls, text: str, tokenizer, num_virtual_tokens: int = 20, **fields) -> PromptTuningConfig:
+        """Initialise the prompt from the embeddings of ``text`` (e.g. a description of the task), tokenised by
+        the model's own tokenizer (a text of another vocabulary is refused by :func:`apply`)."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError(f"init_text must be a non-empty text, got {text!r}.")
+        ids = tuple(tokenizer(text)["input_ids"])
+        if not ids:
+            raise ValueError(f"The tokenizer turned init_text={text!r} into no tokens: use another text.")
+        return cls(num_virtual_tokens, init="text", init_text=text, init_token_ids=ids, **fields)
 
 
 @dataclass(frozen=True)
@@ -114,7 +137,8 @@ def classification_head(model: nn.Module) -> nn.Module | None:
 
 
 def check_base(model: nn.Module, method: str) -> None:
-    """Refuse what the wrappers cannot take: not a transformers model, an already wrapped one, an encoder-decoder."""
+    """Refuse what the wrappers cannot take: not a transformers model, an already adapted one, an encoder-decoder,
+    a family peftlab does not know."""
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"{method} takes a transformers model (PreTrainedModel), got {type(model).__name__}: apply it to the base "
@@ -124,6 +148,9 @@ def check_base(model: nn.Module, method: str) -> None:
         raise ValueError(
             f"{method} here supports encoders and decoders, not encoder-decoders ({type(model).__name__})."
         )
+    if (applied := layers.record(model)) is not None:
+        raise ValueError(f"This model already carries {applied.method}: apply one method per model.")
+    family_of(model, needed_by=method)
 
 
 def freeze(model: nn.Module, train_head: bool = False) -> None:
@@ -142,7 +169,8 @@ def freeze(model: nn.Module, train_head: bool = False) -> None:
 def check_positions(config, num_virtual_tokens: int, length: int) -> None:
     """Learned absolute positions run out ``n`` tokens earlier: say so instead of an index error deep inside."""
     limit = getattr(config, "max_position_embeddings", None)
-    if config.model_type in ABSOLUTE_POSITIONS and limit is not None and num_virtual_tokens + length > limit:
+    learned = family_of(config).positions == "learned"
+    if learned and limit is not None and num_virtual_tokens + length > limit:
         raise ValueError(
             f"{num_virtual_tokens} virtual tokens + {length} input tokens = {num_virtual_tokens + length} positions, "
             f"but {config.model_type} has max_position_embeddings={limit}: use shorter inputs or fewer virtual tokens."
@@ -188,13 +216,11 @@ class PromptEncoder(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # The wrappers
 # ----------------------------------------------------------------------------------------------------------------
-class VirtualTokenModel(nn.Module):
+class VirtualTokenModel(ModelWrapper):
     """A frozen model that reads ``[P; X]``: subclasses say where ``P`` (``(n, d)``) comes from."""
 
     def __init__(self, base_model: PreTrainedModel, num_virtual_tokens: int):
-        super().__init__()
-        self.base_model = base_model
-        self.config = base_model.config
+        super().__init__(base_model)
         self.num_virtual_tokens = num_virtual_tokens
         #: Causal LMs (models that generate) predict every token: their labels get -100 for the virtual tokens.
         self.is_causal_lm = isinstance(base_model, GenerationMixin)
@@ -202,31 +228,50 @@ class VirtualTokenModel(nn.Module):
     def prompt(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def _with_prompt(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None):
+        """``[P; X]`` and its attention mask (``n`` ones in front)."""
+        batch, length = inputs_embeds.shape[:2]
+        check_positions(self.config, self.num_virtual_tokens, length)
+        prompt = self.prompt().to(inputs_embeds.dtype).expand(batch, -1, -1)
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, length, dtype=torch.long, device=inputs_embeds.device)
+        ones = attention_mask.new_ones(batch, self.num_virtual_tokens)
+        return torch.cat([prompt, inputs_embeds], dim=1), torch.cat([ones, attention_mask], dim=1)
+
     def forward(
         self, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None, token_type_ids=None, **kwargs
     ):
-        """The base model on ``[P; X]``; the same arguments and output as the base (logits cover ``n + T`` tokens)."""
+        """The base model on ``[P; X]``; the same arguments and output as the base (logits cover ``n + T`` tokens).
+        Switched off (:func:`~peftlab.methods.disabled`), the base model alone."""
+        if not self.enabled:
+            return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                   inputs_embeds=inputs_embeds, token_type_ids=token_type_ids, **kwargs)  # fmt: skip
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         if kwargs.get("position_ids") is not None:
             raise ValueError("Leave position_ids out: with virtual tokens in front the model numbers positions itself.")
         if inputs_embeds is None:
             inputs_embeds = self.base_model.get_input_embeddings()(input_ids)
-        batch, length = inputs_embeds.shape[:2]
-        n = self.num_virtual_tokens
-        check_positions(self.config, n, length)
-        device = inputs_embeds.device
-
-        prompt = self.prompt().to(inputs_embeds.dtype).expand(batch, -1, -1)
-        inputs_embeds = torch.cat([prompt, inputs_embeds], dim=1)
-        if attention_mask is None:
-            attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
-        attention_mask = torch.cat([attention_mask.new_ones(batch, n), attention_mask], dim=1)
+        batch, n = inputs_embeds.shape[0], self.num_virtual_tokens
+        inputs_embeds, attention_mask = self._with_prompt(inputs_embeds, attention_mask)
         if token_type_ids is not None:
             kwargs["token_type_ids"] = torch.cat([token_type_ids.new_zeros(batch, n), token_type_ids], dim=1)
         if labels is not None and self.is_causal_lm:
             labels = torch.cat([labels.new_full((batch, n), -100), labels], dim=1)
         return self.base_model(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """The base model's ``generate`` with the soft prompt in front: the same arguments, and the same output
+        (the input ids followed by the new tokens, one row per returned sequence)."""
+        if not self.is_causal_lm:
+            raise TypeError(f"{type(self.base_model).__name__} is not a causal LM: it has nothing to generate.")
+        if not self.enabled:
+            return self.base_model.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        embeds = self.base_model.get_input_embeddings()(input_ids)
+        inputs_embeds, attention_mask = self._with_prompt(embeds, attention_mask)
+        new = self.base_model.generate(inputs_embeds=inputs_embeds, attention_mask=attention_mask, **kwargs)
+        return torch.cat([input_ids.repeat_interleave(new.shape[0] // input_ids.shape[0], dim=0), new], dim=1)
 
 
 class PromptTunedModel(VirtualTokenModel):
@@ -254,7 +299,7 @@ class PTunedModel(VirtualTokenModel):
 # ----------------------------------------------------------------------------------------------------------------
 # apply and the closed-form counts
 # ----------------------------------------------------------------------------------------------------------------
-def initial_prompt(word_embeddings: nn.Embedding, config: PromptTuningConfig, tokenizer=None) -> torch.Tensor:
+def initial_prompt(word_embeddings: nn.Embedding, config: PromptTuningConfig) -> torch.Tensor:
     """The ``n × d`` starting value of the soft prompt (fp32, on the embeddings' device), as ``config.init`` says."""
     n, weight = config.num_virtual_tokens, word_embeddings.weight
     if config.init == "random":
@@ -262,35 +307,45 @@ def initial_prompt(word_embeddings: nn.Embedding, config: PromptTuningConfig, to
     if config.init == "vocab":
         token_ids = torch.randint(0, weight.shape[0], (n,))
     else:
-        if tokenizer is None:
-            raise ValueError('init="text" needs the tokenizer: call apply(model, config, tokenizer=tokenizer).')
-        text_ids = list(tokenizer(config.init_text)["input_ids"])
-        if not text_ids:
-            raise ValueError(f"The tokenizer turned init_text={config.init_text!r} into no tokens: use another text.")
-        token_ids = torch.tensor((text_ids * math.ceil(n / len(text_ids)))[:n])
+        ids = list(config.init_token_ids)
+        if max(ids) >= weight.shape[0] or min(ids) < 0:
+            raise ValueError(
+                f"init_text's token ids reach {max(ids)}, but the model's vocabulary has {weight.shape[0]} tokens: "
+                "the text was tokenised with another model's tokenizer. Use this model's tokenizer in from_text."
+            )
+        token_ids = torch.tensor((ids * math.ceil(n / len(ids)))[:n])
     return weight.detach()[token_ids.to(weight.device)].clone().float()
 
 
-def apply(model: PreTrainedModel, config: PromptTuningConfig | PTuningConfig, tokenizer=None) -> VirtualTokenModel:
+def apply(model: PreTrainedModel, config: PromptTuningConfig | PTuningConfig,
+          adapter: str = DEFAULT_ADAPTER) -> VirtualTokenModel:  # fmt: skip
     """Freeze ``model`` and return it wrapped with a soft prompt (prompt tuning) or a prompt encoder (P-tuning).
 
-    ``tokenizer`` is read only for ``PromptTuningConfig(init="text")``. Works on models on the meta device.
+    Every check runs before the model changes. Works on models on the meta device. One prompt per model.
     """
     if not isinstance(config, PromptTuningConfig | PTuningConfig):
         raise TypeError(f"prompt.apply takes PromptTuningConfig or PTuningConfig, got {type(config).__name__}.")
+    layers.check_adapter_name(adapter)
     check_base(model, "prompt.apply")
+    if config.train_head and classification_head(model) is None:
+        freeze(model, train_head=True)  # raises, saying what to change
     word_embeddings = model.get_input_embeddings()
     if isinstance(config, PromptTuningConfig):
-        soft_prompt = initial_prompt(word_embeddings, config, tokenizer)
+        soft_prompt = initial_prompt(word_embeddings, config)
         freeze(model, config.train_head)
-        return PromptTunedModel(model, soft_prompt)
-    d = word_embeddings.embedding_dim
-    with torch.device(word_embeddings.weight.device):
-        encoder = PromptEncoder(
-            config.num_virtual_tokens, d, config.encoder_hidden_size or d, config.encoder, config.lstm_layers
-        )
-    freeze(model, config.train_head)
-    return PTunedModel(model, encoder)
+        wrapped = PromptTunedModel(model, soft_prompt)
+        method = "prompt"
+    else:
+        d = word_embeddings.embedding_dim
+        with torch.device(word_embeddings.weight.device):
+            encoder = PromptEncoder(
+                config.num_virtual_tokens, d, config.encoder_hidden_size or d, config.encoder, config.lstm_layers
+            )
+        freeze(model, config.train_head)
+        wrapped = PTunedModel(model, encoder)
+        method = "ptuning"
+    layers.remember(wrapped, method, adapter, config)
+    return wrapped
 
 
 def fold(model: PTunedModel) -> PromptTunedModel:
@@ -304,7 +359,11 @@ def fold(model: PTunedModel) -> PromptTunedModel:
         )
     with torch.no_grad():
         soft_prompt = model.prompt().detach().clone()
-    return PromptTunedModel(model.base_model, soft_prompt).train(model.training)
+    applied = layers.record(model)
+    folded = PromptTunedModel(model.base_model, soft_prompt).train(model.training)
+    config = PromptTuningConfig(model.num_virtual_tokens, train_head=applied.config.train_head)
+    layers.remember(folded, "prompt", applied.active[0], config)
+    return folded
 
 
 def closed_form_count(model: nn.Module, config: PromptTuningConfig | PTuningConfig) -> int:

@@ -24,12 +24,14 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from peftlab.methods import lora
+from peftlab.methods import layers, lora
+from peftlab.methods.layers import DEFAULT_ADAPTER
 from peftlab.methods.lora import LoRAConfig, LoRALinear
+from peftlab.methods.targets import ALL_LINEAR
 from peftlab.quant import NF4Tensor, dequantize_nf4, quantize_nf4
 
 #: QLoRA's LoRA: every linear layer of the blocks (as in Dettmers et al., 2023), with LoRAConfig's r = 8, α = 16.
-DEFAULT_LORA = LoRAConfig(target_modules=lora.ALL_LINEAR)
+DEFAULT_LORA = LoRAConfig(target_modules=ALL_LINEAR)
 
 
 @dataclass(frozen=True)
@@ -121,15 +123,16 @@ class Linear4bit(nn.Module):
 class QLoRALinear(LoRALinear):
     """:class:`~peftlab.methods.lora.LoRALinear` around a :class:`Linear4bit`: ``base(x) + B(A(dropout(x))) · γ``.
 
-    A and B are made as LoRA makes them, from the full-precision layer (its shape, device and dtype, and the same
-    random A for the same seed); then the base is replaced by its 4-bit copy and the full-precision weight dropped.
-    ``fan_in_fan_out`` still tells the layout of the original layer (True for GPT-2's Conv1D), as a saved adapter
-    needs; the 4-bit weight itself is always [out, in].
+    Made from the full-precision layer (its shape, device and dtype, so that A and B are made as LoRA makes them,
+    with the same random A for the same seed); then the base is replaced by its 4-bit copy and the full-precision
+    weight dropped. ``fan_in_fan_out`` still tells the layout of the original layer (True for GPT-2's Conv1D), as a
+    saved adapter needs; the 4-bit weight itself is always [out, in].
     """
 
+    method = "QLoRA"
+
     def __init__(self, layer: nn.Module, config: QLoRAConfig, name: str = "layer"):
-        c = config.lora
-        super().__init__(layer, c.r, c.alpha, c.dropout, c.use_rslora, c.init, name=name)
+        super().__init__(layer, name=name)
         self.base_layer = Linear4bit.from_linear(layer, config.block_size, config.double_quant, config.compute_dtype)
 
     def merge(self) -> None:
@@ -142,25 +145,26 @@ class QLoRALinear(LoRALinear):
         raise RuntimeError("QLoRA layers are never merged: there is nothing to unmerge.")
 
 
-def apply(model: nn.Module, config: QLoRAConfig) -> nn.Module:
+def apply(model: nn.Module, config: QLoRAConfig, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
     """Freeze every parameter and replace each LoRA target (``config.lora.target_modules``) by a
     :class:`QLoRALinear`: its weight in NF4, A and B trainable (B only with ``freeze_A``). The ``modules_to_save``
-    train in full. Every check runs before the model changes. ``model.lora_config`` is set, so that
+    train in full. Every check runs before the model changes. The model's record holds ``config.lora``, so that
     :func:`peftlab.methods.lora.save` writes the adapter in peft's format.
     """
     if not isinstance(config, QLoRAConfig):
         raise TypeError(f"qlora.apply takes a QLoRAConfig, got {type(config).__name__}.")
-    targets = lora._targets(model, config.lora)  # LoRA's checks: names, ranks, linear layers, not applied twice
-    heads = lora._modules_to_save(model, config.lora)
-    _check_targets(targets, config.block_size)
+    found, heads = lora.find_targets(model, config.lora, adapter, method="qlora")
+    _check_targets({n: m for n, m in found.items() if not isinstance(m, QLoRALinear)}, config.block_size)
     model.requires_grad_(False)
-    for name, layer in targets.items():
-        wrapped = QLoRALinear(layer, config, name=name)
-        wrapped.lora_A.requires_grad_(not config.lora.freeze_A)
-        model.set_submodule(name, wrapped)
+    for name, module in found.items():
+        layer = module if isinstance(module, QLoRALinear) else QLoRALinear(module, config, name=name)
+        layer.add(adapter, config.lora)
+        if layer is not module:
+            model.set_submodule(name, layer)
     for head in heads.values():
         head.requires_grad_(True)
-    model.lora_config = config.lora
+    layers.remember(model, "qlora", adapter, config)
+    layers.set_active(model, adapter)
     return model
 
 

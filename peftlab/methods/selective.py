@@ -19,7 +19,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from peftlab.methods import layers
 from peftlab.params import kind_of, layer_of, parameter_table
+
+#: The methods of this module, by their registry names.
+SELECTIVE = ("full", "freeze", "bitfit")
 
 
 @dataclass(frozen=True)
@@ -58,29 +62,37 @@ def _is_head(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool
     return kind_of(name, modules.get(name.rsplit(".", 1)[0], model)) == "head"
 
 
-def apply(model: nn.Module, config: FullConfig | FreezeConfig | BitFitConfig) -> nn.Module:
-    """Set ``requires_grad`` on the parameters the method trains, and clear it on all the others."""
-    if isinstance(config, FullConfig):
-        model.requires_grad_(True)
-        return model
-    modules = dict(model.named_modules())
-    if isinstance(config, BitFitConfig):
-        if not any(name.endswith("bias") for name, _ in model.named_parameters()):
-            raise ValueError(f"{type(model).__name__} has no bias parameters, so BitFit has nothing to train.")
-        for name, param in model.named_parameters():
-            param.requires_grad_(name.endswith("bias") or (config.train_head and _is_head(name, modules, model)))
-        return model
-    if not isinstance(config, FreezeConfig):
+def apply(model: nn.Module, config: FullConfig | FreezeConfig | BitFitConfig, adapter: str = "default") -> nn.Module:
+    """Set ``requires_grad`` on the parameters the method trains, and clear it on all the others. Every check runs
+    before the model changes; applying another selective method replaces the choice (nothing was added)."""
+    names = {FullConfig: "full", FreezeConfig: "freeze", BitFitConfig: "bitfit"}
+    if type(config) not in names:
         raise TypeError(f"selective.apply takes FullConfig, FreezeConfig or BitFitConfig, got {type(config).__name__}.")
-    blocks = num_blocks(model)
-    if config.trainable_layers > blocks:
+    applied = layers.record(model)
+    if applied is not None and applied.method not in SELECTIVE:
+        raise ValueError(f"This model carries {applied.method}: apply one method per model (load a fresh base model).")
+    modules = dict(model.named_modules())
+    if isinstance(config, BitFitConfig) and not any(name.endswith("bias") for name, _ in model.named_parameters()):
         raise ValueError(
-            f"trainable_layers={config.trainable_layers}, but {type(model).__name__} has {blocks} blocks: "
-            f"choose 0..{blocks}."
+            f"{type(model).__name__} has no bias parameters, so BitFit has nothing to train (Llama-style models "
+            "have none): choose another method, e.g. LoRA or (IA)³."
         )
-    first_trained = blocks - config.trainable_layers
+    if isinstance(config, FreezeConfig):
+        blocks = num_blocks(model)
+        if config.trainable_layers > blocks:
+            raise ValueError(
+                f"trainable_layers={config.trainable_layers}, but {type(model).__name__} has {blocks} blocks: "
+                f"choose 0..{blocks}."
+            )
     for name, param in model.named_parameters():
-        layer = layer_of(name)
-        in_top_blocks = layer is not None and layer >= first_trained
-        param.requires_grad_(in_top_blocks or (config.train_head and _is_head(name, modules, model)))
+        head = getattr(config, "train_head", False) and _is_head(name, modules, model)
+        if isinstance(config, FullConfig):
+            trains = True
+        elif isinstance(config, BitFitConfig):
+            trains = name.endswith("bias") or head
+        else:
+            layer = layer_of(name)
+            trains = (layer is not None and layer >= blocks - config.trainable_layers) or head
+        param.requires_grad_(trains)
+    object.__setattr__(model, "peftlab", layers.Applied(names[type(config)], {adapter: config}, [adapter]))
     return model
