@@ -30,6 +30,7 @@ too, which leaves ``n`` fewer of them for the text.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -172,6 +173,12 @@ class PrefixTunedModel(ModelWrapper):
         if not self.enabled:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)  # fmt: skip
+        return self._with_prefix(self.base_model, input_ids, attention_mask, labels, inputs_embeds, position_ids,
+                                 **kwargs)  # fmt: skip
+
+    def _with_prefix(self, run, input_ids=None, attention_mask=None, labels=None, inputs_embeds=None,
+                     position_ids=None, **kwargs):  # fmt: skip
+        """``run`` (the base model, or its own forward) with a fresh prefix cache and the mask that covers it."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids and inputs_embeds.")
         batch, length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
@@ -181,7 +188,7 @@ class PrefixTunedModel(ModelWrapper):
             attention_mask = torch.ones(batch, length, dtype=torch.long, device=device)
         if position_ids is not None:  # the real tokens come after the prefix
             kwargs["position_ids"] = position_ids + self.num_virtual_tokens
-        return self.base_model(
+        return run(
             input_ids=input_ids,
             inputs_embeds=inputs_embeds,
             attention_mask=self._prefix_mask(attention_mask),
@@ -194,10 +201,10 @@ class PrefixTunedModel(ModelWrapper):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """The base model's ``generate`` with the prefix in every layer: the same arguments and output.
 
-        The prefix is handed to ``generate`` as a filled cache for ``n`` placeholder tokens put in front of the
-        input (``generate`` treats the first ``n`` ids as already in the cache and never embeds them), so the real
-        tokens are numbered from ``n``, as in training; the placeholders are cut from the output. Without a cache
-        (``use_cache=False``) each step runs the whole sequence through a fresh prefix instead.
+        The prefix goes in front as ``n`` placeholder tokens: with the KV cache (the default), ``generate`` gets the
+        prefix as a filled cache for them, treats them as already seen and never embeds them, so the real tokens
+        are numbered from ``n``, as in training. Without it (``use_cache=False``), every step runs the whole
+        sequence through :meth:`forward` with a fresh prefix instead. The placeholders are cut from the output.
         """
         if not hasattr(self.base_model, "generate"):
             raise TypeError(f"{type(self.base_model).__name__} is not a causal LM: it has nothing to generate.")
@@ -208,13 +215,36 @@ class PrefixTunedModel(ModelWrapper):
         n, batch = self.num_virtual_tokens, input_ids.shape[0]
         check_positions(self.config, n, input_ids.shape[1] + kwargs.get("max_new_tokens", 0))
         placeholders = input_ids.new_full((batch, n), self.config.pad_token_id or 0)
-        kwargs.setdefault(compat.cache_keyword(self.base_model), self.past_key_values(batch))
-        output = self.base_model.generate(
-            input_ids=torch.cat([placeholders, input_ids], dim=1),
-            attention_mask=self._prefix_mask(attention_mask),
-            **kwargs,
-        )
-        return output[:, n:]
+        inputs = {"input_ids": torch.cat([placeholders, input_ids], dim=1), "attention_mask": self._prefix_mask(
+            attention_mask)}  # fmt: skip
+        if kwargs.get("use_cache", True):
+            # generate repeats each input for beams and several returns, but not a cache given to it
+            settings = kwargs.get("generation_config") or self.base_model.generation_config
+            repeats = max(kwargs.get("num_beams", settings.num_beams) or 1,
+                          kwargs.get("num_return_sequences", settings.num_return_sequences) or 1)  # fmt: skip
+            kwargs.setdefault(compat.cache_keyword(self.base_model), self.past_key_values(batch * repeats))
+            return self.base_model.generate(**inputs, **kwargs)[:, n:]
+        own_forward = self.base_model.forward
+
+        @functools.wraps(own_forward)  # generate reads the signature to choose what to pass
+        def each_step(input_ids, attention_mask=None, position_ids=None, **step):
+            """The whole sequence so far, placeholders in front: drop them, and run it through a fresh prefix."""
+            kept = {k: v for k, v in step.items() if k not in ("cache_position", "use_cache", "cache",
+                                                                  "past_key_values")}  # fmt: skip
+            if attention_mask is None:  # left out when it is all ones: the input's, then the new tokens, attended
+                rows, new = input_ids.shape[0], input_ids.shape[1] - inputs["input_ids"].shape[1]
+                given = inputs["attention_mask"].repeat_interleave(rows // batch, dim=0)  # beams, several returns
+                attention_mask = torch.cat([given, given.new_ones(rows, new)], dim=1)
+            if position_ids is not None:  # numbered from the mask, placeholders included: the real tokens from n
+                position_ids = position_ids[:, n:] - n
+            return self._with_prefix(own_forward, input_ids[:, n:], attention_mask[:, n:], position_ids=position_ids,
+                                     **kept)  # fmt: skip
+
+        self.base_model.forward = each_step
+        try:
+            return self.base_model.generate(**inputs, **kwargs)[:, n:]
+        finally:
+            del self.base_model.forward
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -45,7 +45,8 @@ class FreezeConfig:
 
 @dataclass(frozen=True)
 class BitFitConfig:
-    """Train every bias vector (and the task head when ``train_head``)."""
+    """Train every bias vector (and a classifier's head and pooler when ``train_head``; never a language model's
+    output matrix, which is no bias and, tied, the embeddings themselves)."""
 
     train_head: bool = True
 
@@ -84,12 +85,14 @@ def apply(model: nn.Module, config: FullConfig | FreezeConfig | BitFitConfig, ad
                 f"trainable_layers={config.trainable_layers}, but {type(model).__name__} has {blocks} blocks: "
                 f"choose 0..{blocks}."
             )
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    lm_head = {id(p) for p in output.parameters()} if output is not None else set()
     for name, param in model.named_parameters():
         head = getattr(config, "train_head", False) and _is_head(name, modules, model)
         if isinstance(config, FullConfig):
             trains = True
-        elif isinstance(config, BitFitConfig):
-            trains = name.endswith("bias") or head
+        elif isinstance(config, BitFitConfig):  # a task head, not a language model's output matrix
+            trains = name.endswith("bias") or (head and id(param) not in lm_head)
         else:
             layer = layer_of(name)
             trains = (layer is not None and layer >= blocks - config.trainable_layers) or head
