@@ -177,7 +177,8 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     ``with disabled(model): reference_logits = model(**batch).logits``. Nothing is copied; the adapters come back
     on at the end of the block, also after an error. Merged adapters are in the weights and cannot be switched off:
     unmerge first. A head that trains in full beside the adapters (``modules_to_save``, ``train_head``) is the
-    model's own module and stays as trained. A model whose method changed the weights themselves (full, Freeze, BitFit) has nothing to switch.
+    model's own module and stays as trained. A model whose method changed the weights themselves (full, Freeze,
+    BitFit) has nothing to switch.
     """
     switches = _switches(model)
     if not switches:
