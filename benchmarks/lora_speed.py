@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -28,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftlab import env, models
 from peftlab.methods import lora
+from timing import alternate, timed_steps  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_speed.json"
 ROWS = [
@@ -66,21 +66,15 @@ def step_times(model, batch, device, steps: int, warmup: int) -> list[float]:
     """Seconds of each of ``steps`` full training steps (forward, backward, AdamW), after ``warmup`` untimed ones."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = device.type == "cuda"
-    times = []
-    for index in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
+
+    def step(_index: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= warmup:
-            times.append(time.perf_counter() - started)
-    return times
+
+    return timed_steps(step, device, steps, warmup)
 
 
 def run(row: dict, device: torch.device, steps: int, warmup: int, rounds: int = 3) -> dict:
@@ -89,10 +83,8 @@ def run(row: dict, device: torch.device, steps: int, warmup: int, rounds: int = 
     batch = {"input_ids": ids, "labels": ids}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits, atol=1e-2, rtol=1e-2)
-    timed = {"peft": [], "peftlab": []}
-    for _ in range(rounds):  # alternate, so that clock and thermal drift fall on both sides
-        timed["peft"] += step_times(reference, batch, device, steps, warmup)
-        timed["peftlab"] += step_times(ours, batch, device, steps, warmup)
+    timed = alternate({"peft": lambda: step_times(reference, batch, device, steps, warmup),
+                       "peftlab": lambda: step_times(ours, batch, device, steps, warmup)}, rounds)  # fmt: skip
     peft_seconds, ours_seconds = (statistics.median(timed[side]) for side in ("peft", "peftlab"))
     return {**row, "targets": row["targets"] if isinstance(row["targets"], str) else list(row["targets"]),
             "dtype": "bf16-mixed" if device.type == "cuda" else "fp32", "steps": steps * rounds,
