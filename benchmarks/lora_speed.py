@@ -25,9 +25,10 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import alternate, timed_steps
+
 from peftlab import env, models
 from peftlab.methods import lora
-from timing import alternate, timed_steps  # noqa: E402  (benchmarks/timing.py, beside this script)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_speed.json"
 ROWS = [
