@@ -116,11 +116,10 @@ def lora_fields(targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, module
 
 ALL16 = {"targets": ALL_LINEAR, "r": 16, "alpha": 32}
 HELD_OUT = [
-    # the largest first, so that the three workers never hold two of them at once
+    # the largest first, so that three workers never hold the two 3B rows at once
     held(THREE_B, "full", 1, 1024),
     held(QWEN, "full", 4, 512),
     held(TINY, "lora", 4, 512, lora=lora_fields(**ALL16, dropout=0.05), lacks=DROPOUT_LACK),
-    held(THREE_B, "lora", 1, 2048),
     held(QWEN, "lora", 8, 512),
     held(TINY, "lora", 4, 512, lora=lora_fields(**ALL16)),  # the same row without dropout: dropout's share alone
     held("gpt2", "full", 8, 512),
@@ -134,6 +133,7 @@ HELD_OUT = [
     held(QWEN, "lora", 8, 512, padding=PAD_HALF, lacks=PADDING_LACK),
     held(TINY, "qlora", 4, 512, "nf4"),
     held(QWEN, "qlora", 8, 512, "nf4"),
+    held(THREE_B, "lora", 1, 2048),  # late in the list: never beside the 3B full row on the GPU
     # rows of ROWS again, on this GPU: what the device alone moves
     held(SMOL, "lora", 8, 512, seen=True),
     held(ONE_B, "full", 1, 1024, seen=True),
