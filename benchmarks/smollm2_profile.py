@@ -138,11 +138,51 @@ def kernel_summary(prof, steps: int, wall_ms: float) -> dict:
             "kinds": kinds, "top_kernels": top}  # fmt: skip
 
 
+def kernel_counts(row: dict, device, args) -> dict:
+    """Per side (peftlab LoRA, peft LoRA, full fine-tuning of the same base): kernels per step and GPU-busy ms per
+    step (2 profiled steps), and peft against peftlab timed in alternating blocks (3 × ``--steps`` each), so that
+    what is peftlab's (the LoRA layers' extra launches) stands apart from what is the model's."""
+    from timing import alternate
+
+    reference, ours = twin_models(row, device)
+    ids = torch.randint(0, ours.config.vocab_size, (row["batch_size"], row["seq_len"]), device=device)
+    batch = {"input_ids": ids, "labels": ids}
+    steps = {"peftlab LoRA": step_of(ours, batch, device), "peft LoRA": step_of(reference, batch, device)}
+    timed = alternate({name: (lambda f=f: timed_steps(f, device, args.steps, args.warmup)) for name, f in
+                       steps.items()}, rounds=3)  # fmt: skip
+    config = models.tiny_config("llama") if args.quick else models.architecture_config(row["architecture"])
+    torch.manual_seed(0)
+    with torch.device(device):
+        full = AutoModelForCausalLM.from_config(config)
+    steps["full fine-tuning"] = step_of(full, batch, device)
+    found = {}
+    for name, step in steps.items():
+        for index in range(3):
+            step(index)
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for index in range(2):
+                step(index)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        summary = kernel_summary(prof, 2, 1.0)
+        found[name] = {key: summary.get(key) for key in ("kernels_per_step", "kernel_ms_per_step",
+                                                          "gpu_busy_ms_per_step", "mean_kernel_us")}  # fmt: skip
+        found[name]["kinds_ms_per_step"] = {k: v["ms_per_step"] for k, v in summary.get("kinds", {}).items()}
+        if name in timed:
+            found[name]["median_step_ms_alternating"] = median(timed[name]) * 1e3
+            found[name]["steps_timed"] = len(timed[name])
+        print(name, json.dumps({k: v for k, v in found[name].items() if k != "kinds_ms_per_step"}), flush=True)
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny row on any device, to try the script")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--counts", action="store_true",
+                        help="only kernels per step per side and peft vs peftlab alternated, into the results file")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = env.resolve_device()
@@ -150,6 +190,13 @@ def main() -> None:
         sys.exit("The profile is meant for a CUDA GPU; use --quick to try the script on a CPU. "
                  "The results files are left as they were.")  # fmt: skip
     row = QUICK_ROW if args.quick else ROW
+    if args.counts:
+        record = json.loads(args.out.read_text()) if args.out.exists() else {}
+        record["kernel_counts"] = {"device": env.device_name(device), "date": date.today().isoformat(),
+                                   "sides": kernel_counts(row, device, args)}  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(record, indent=1))
+        return
     reference, ours = twin_models(row, device)
     vocab = ours.config.vocab_size
 
