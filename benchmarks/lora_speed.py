@@ -16,7 +16,6 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from datetime import date
 from pathlib import Path
 
@@ -25,6 +24,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from timing import alternate, timed_steps
 
 from peftlab import env, models
 from peftlab.methods import lora
@@ -42,7 +43,8 @@ QUICK = [{"architecture": "smollm2-135m", "targets": ("q_proj", "v_proj"), "r": 
 
 def twin_models(row: dict, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
     """A peft LoRA model and a peftlab LoRA model on identical bases with identical adapters."""
-    config = models.architecture_config(row["architecture"])
+    name = row["architecture"]  # "tiny-llama": the 2-block test model, for trying a script on a CPU
+    config = models.tiny_config("llama") if name == "tiny-llama" else models.architecture_config(name)
     torch.manual_seed(0)
     with torch.device(device):
         base = AutoModelForCausalLM.from_config(config)
@@ -66,21 +68,15 @@ def step_times(model, batch, device, steps: int, warmup: int) -> list[float]:
     """Seconds of each of ``steps`` full training steps (forward, backward, AdamW), after ``warmup`` untimed ones."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     autocast = device.type == "cuda"
-    times = []
-    for index in range(warmup + steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
+
+    def step(_index: int) -> None:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if index >= warmup:
-            times.append(time.perf_counter() - started)
-    return times
+
+    return timed_steps(step, device, steps, warmup)
 
 
 def run(row: dict, device: torch.device, steps: int, warmup: int, rounds: int = 3) -> dict:
@@ -89,10 +85,8 @@ def run(row: dict, device: torch.device, steps: int, warmup: int, rounds: int = 
     batch = {"input_ids": ids, "labels": ids}
     with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         torch.testing.assert_close(ours(**batch).logits, reference(**batch).logits, atol=1e-2, rtol=1e-2)
-    timed = {"peft": [], "peftlab": []}
-    for _ in range(rounds):  # alternate, so that clock and thermal drift fall on both sides
-        timed["peft"] += step_times(reference, batch, device, steps, warmup)
-        timed["peftlab"] += step_times(ours, batch, device, steps, warmup)
+    timed = alternate({"peft": lambda: step_times(reference, batch, device, steps, warmup),
+                       "peftlab": lambda: step_times(ours, batch, device, steps, warmup)}, rounds)  # fmt: skip
     peft_seconds, ours_seconds = (statistics.median(timed[side]) for side in ("peft", "peftlab"))
     return {**row, "targets": row["targets"] if isinstance(row["targets"], str) else list(row["targets"]),
             "dtype": "bf16-mixed" if device.type == "cuda" else "fp32", "steps": steps * rounds,

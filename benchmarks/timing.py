@@ -1,0 +1,69 @@
+"""Shared timing helpers of the benchmarks: one training step timed with the device synchronised around it, sides
+timed in alternating blocks, and the GPU's own dense bf16 matmul throughput (the ceiling a step is held against).
+
+Not a library module: the scripts beside it import it (``from timing import ...``), as the tests import
+``memory_accuracy``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed_steps(step: Callable[[int], None], device: torch.device, steps: int, warmup: int) -> list[float]:
+    """Seconds of each of ``steps`` calls of ``step(index)`` after ``warmup`` untimed ones, the device synchronised
+    before and after each call (so a step's time is its own, launch gaps included)."""
+    times = []
+    for index in range(warmup + steps):
+        synchronize(device)
+        started = time.perf_counter()
+        step(index)
+        synchronize(device)
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def alternate(sides: dict[str, Callable[[], list[float]]], rounds: int = 3) -> dict[str, list[float]]:
+    """Call each side's block ``rounds`` times, side after side, so that clock and thermal drift fall on every
+    side; returns each side's step times, all blocks together."""
+    timed: dict[str, list[float]] = {name: [] for name in sides}
+    for _ in range(rounds):
+        for name, block in sides.items():
+            timed[name] += block()
+    return timed
+
+
+def median(times: list[float]) -> float:
+    return statistics.median(times)
+
+
+def matmul_tflops(device: torch.device, n: int = 8192, warmup: int = 3, repeats: int = 10) -> dict:
+    """Measured dense bf16 matmul throughput: an n × n × n product on random data (never zeros: they run faster),
+    timed with CUDA events, the mean of ``repeats`` after ``warmup``. Returns TFLOP/s and how it was measured."""
+    if device.type != "cuda":
+        return {"tflops": None, "note": "not measured: no CUDA device"}
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=generator)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16, generator=generator)
+    for _ in range(warmup):
+        a @ b
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize(device)
+    start.record()
+    for _ in range(repeats):
+        a @ b
+    end.record()
+    torch.cuda.synchronize(device)
+    seconds = start.elapsed_time(end) / 1e3 / repeats
+    return {"tflops": 2 * n**3 / seconds / 1e12, "n": n, "dtype": "bf16", "repeats": repeats, "warmup": warmup,
+            "note": f"{n}x{n}x{n} bf16 torch.matmul on random data, CUDA events, mean of {repeats} after {warmup}"}
