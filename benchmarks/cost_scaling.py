@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_accuracy import build, measure_phases, row
 from method_speed import step_flops
-from timing import matmul_tflops, median, timed_steps
+from peftlab.timing import matmul_tflops, median, timed_steps
 
 from peftlab import env, memory, models
 
@@ -59,8 +59,8 @@ def point(model, method: str, batch_size: int, seq_len: int, device, ceiling, ar
         optimizer.zero_grad(set_to_none=True)
 
     seconds = median(timed_steps(step, device, args.steps, args.warmup))
-    estimate = memory.estimate(ARCHITECTURE if not args.quick else models.tiny_config("llama"), method,
-                               batch_size=batch_size, seq_len=seq_len, precision=METHODS[method])  # fmt: skip
+    setup = memory.Setup(method=method, batch_size=batch_size, seq_len=seq_len, precision=METHODS[method])
+    estimate = memory.estimate(ARCHITECTURE if not args.quick else models.tiny_config("llama"), setup)
     flops = step_flops(model, {"batch_size": batch_size, "seq_len": seq_len}, method)["flops"]
     peak = None if measured is None else max(measured["peaks"].values())
     return {"method": method, "precision": METHODS[method], "batch_size": batch_size, "seq_len": seq_len,

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import alternate, timed_steps
+from peftlab.timing import alternate, timed_steps
 
 from peftlab import env, models
 from peftlab.methods import lora
@@ -58,9 +58,9 @@ def twin_models(row: dict, device: torch.device) -> tuple[torch.nn.Module, torch
     with torch.no_grad():
         for name, layer in lora.lora_layers(ours).items():
             theirs = reference.base_model.model.get_submodule(name)
-            layer.lora_A.weight.copy_(theirs.lora_A["default"].weight)
-            layer.lora_B.weight.copy_(torch.randn_like(layer.lora_B.weight) * 0.01)
-            theirs.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            layer.lora_A["default"].weight.copy_(theirs.lora_A["default"].weight)
+            layer.lora_B["default"].weight.copy_(torch.randn_like(layer.lora_B["default"].weight) * 0.01)
+            theirs.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
     return reference, ours
 
 

@@ -104,8 +104,15 @@ def held(arch, method, batch, seq, precision="bf16-mixed", *, lora=None, accumul
     """A held-out row: ``row`` plus the task, the LoRA settings, accumulation, padding, and what the estimator lacks
     for it (``estimator_lacks``). ``seen=True`` marks a row of ``ROWS`` repeated on this GPU (a device check, left
     out of the held-out summary)."""
-    return {**row(arch, method, batch, seq, precision, **kwargs), "task": task, "method_config": lora,
-            "grad_accumulation": accumulation, "padding": padding, "estimator_lacks": lacks, "seen_before": seen}
+    return {
+        **row(arch, method, batch, seq, precision, **kwargs),
+        "task": task,
+        "method_config": lora,
+        "grad_accumulation": accumulation,
+        "padding": padding,
+        "estimator_lacks": lacks,
+        "seen_before": seen,
+    }
 
 
 def lora_fields(targets=("q_proj", "v_proj"), r=8, alpha=16, dropout=0.0, modules_to_save=()) -> dict:
@@ -266,8 +273,7 @@ def estimate_columns(settings: dict, measured: int) -> dict:
     estimator has no parameter for (accumulation, padding) is left out, as the row's ``estimator_lacks`` says."""
     name = settings["architecture"]
     model_or_config = SHAPES[name]() if name in SHAPES else name
-    estimate = memory.estimate(model_or_config, method_config=lora_config_of(settings),
-                               **{k: v for k, v in settings.items() if k in ESTIMATED})  # fmt: skip
+    estimate = memory.estimate(model_or_config, setup_of(settings))
     columns = {"estimate_bytes": estimate.peak, "estimate_breakdown": estimate.breakdown,
                "estimate_peak_phase": estimate.peak_phase, "saved_bytes_estimate": estimate.saved_bytes,
                "accelerate_bytes": accelerate_rule(estimate.total_parameters, settings["precision"]),
@@ -279,6 +285,14 @@ def estimate_columns(settings: dict, measured: int) -> dict:
 
 
 ESTIMATED = ("method", "batch_size", "seq_len", "precision", "optimizer", "grad_checkpointing", "attn_implementation")
+
+
+def setup_of(settings: dict) -> memory.Setup:
+    """The estimator's settings of a row (its LoRA config, where it has one, as ``method_config``)."""
+    config = lora_config_of(settings)
+    if config is not None and settings["method"] == "qlora":
+        config = qlora.QLoRAConfig(lora=config)
+    return memory.Setup(method_config=config, **{k: v for k, v in settings.items() if k in ESTIMATED})
 
 
 def make_batch(settings: dict, vocab_size: int, device: str = "cuda") -> dict:
@@ -368,9 +382,12 @@ def cuda_context_alone() -> dict:
     after = pynvml.nvmlDeviceGetMemoryInfo(handle).used
     reserved = torch.cuda.memory_reserved()
     own = own_gpu_bytes()
-    return {"device_used_delta_less_reserved_bytes": after - before - reserved,
-            "nvml_per_process_less_reserved_bytes": None if own is None else own - reserved,
-            "reserved_bytes": reserved, "note": "a fresh process alone on the GPU: context + cuBLAS + one SDPA call"}
+    return {
+        "device_used_delta_less_reserved_bytes": after - before - reserved,
+        "nvml_per_process_less_reserved_bytes": None if own is None else own - reserved,
+        "reserved_bytes": reserved,
+        "note": "a fresh process alone on the GPU: context + cuBLAS + one SDPA call",
+    }
 
 
 def first_reading(args) -> None:
@@ -446,20 +463,29 @@ def check_on_cpu() -> None:
         loss.backward()
         saved = memory.saved_tensor_bytes(model, batch, autocast=autocast)
         columns = estimate_columns(settings, measured=1)
-        print(f"{settings['architecture']:>14} {settings['method']:>6} {settings['precision']:>10}: small copy "
-              f"loss {loss.item():.2f}, saved {saved / MiB:.2f} MiB; real shape estimate "
-              f"{columns['estimate_bytes'] / MiB:.0f} MiB, accelerate {columns['accelerate_bytes'] / MiB:.0f}, "
-              f"gpu_poor {columns['gpu_poor_bytes'] / MiB if columns['gpu_poor_bytes'] else 0:.0f}", flush=True)
+        print(
+            f"{settings['architecture']:>14} {settings['method']:>6} {settings['precision']:>10}: small copy "
+            f"loss {loss.item():.2f}, saved {saved / MiB:.2f} MiB; real shape estimate "
+            f"{columns['estimate_bytes'] / MiB:.0f} MiB, accelerate {columns['accelerate_bytes'] / MiB:.0f}, "
+            f"gpu_poor {columns['gpu_poor_bytes'] / MiB if columns['gpu_poor_bytes'] else 0:.0f}",
+            flush=True,
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="four rows only")
     parser.add_argument("--estimate", action="store_true", help="recompute the estimates of an existing results file")
-    parser.add_argument("--first-reading", action="store_true",
-                        help="the held-out rows, written as the results file's first_reading block")
-    parser.add_argument("--only", type=lambda text: [int(i) for i in text.split(",")],
-                        help="with --first-reading: these held-out rows only (indices), kept beside the others")
+    parser.add_argument(
+        "--first-reading",
+        action="store_true",
+        help="the held-out rows, written as the results file's first_reading block",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda text: [int(i) for i in text.split(",")],
+        help="with --first-reading: these held-out rows only (indices), kept beside the others",
+    )
     parser.add_argument("--check", action="store_true", help="run every held-out row's code path on a CPU (small)")
     parser.add_argument("--workers", type=int, default=2, help="rows measured at once, each in its own process")
     parser.add_argument("--row", type=int, help=argparse.SUPPRESS)  # one row, in a child process

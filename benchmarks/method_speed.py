@@ -42,7 +42,7 @@ from transformers.pytorch_utils import Conv1D
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from timing import alternate, matmul_tflops, median, timed_steps
+from peftlab.timing import alternate, matmul_tflops, median, timed_steps
 
 from peftlab import env, models
 from peftlab.methods import adalora, ia3, lora, prefix, prompt, qlora
@@ -124,8 +124,12 @@ def prefix_twins(row, device, s):
     theirs = peft.get_peft_model(base, peft.PrefixTuningConfig(
         task_type="CAUSAL_LM", num_virtual_tokens=s["num_virtual_tokens"], prefix_projection=True,
         encoder_hidden_size=s["encoder_hidden_size"]))  # fmt: skip
-    config = prefix.PrefixTuningConfig(s["num_virtual_tokens"], reparametrize=True,
-                                       hidden_size=s["encoder_hidden_size"], embedding_dim=s["embedding_dim"])
+    config = prefix.PrefixTuningConfig(
+        s["num_virtual_tokens"],
+        reparametrize=True,
+        hidden_size=s["encoder_hidden_size"],
+        embedding_dim=s["embedding_dim"],
+    )
     ours = prefix.apply(twin, config)
     ours.prefix_encoder.load_state_dict(theirs.prompt_encoder["default"].state_dict())  # same names and layout
     return theirs, ours
@@ -141,8 +145,8 @@ def ia3_twins(row, device, s):
     with torch.no_grad():
         for name, layer in ours.named_modules():
             if isinstance(layer, ia3.IA3Scaled):
-                values = 1 + 0.1 * torch.randn(layer.ia3_l.shape, generator=generator)
-                layer.ia3_l.copy_(values)
+                values = 1 + 0.1 * torch.randn(layer.ia3_l["default"].shape, generator=generator)
+                layer.ia3_l["default"].copy_(values)
                 their_l = their_modules[name].ia3_l["default"]
                 their_l.copy_(values.reshape(their_l.shape))
     return theirs, ours
@@ -210,9 +214,9 @@ def qlora_twins(row, device, s):
             layer.lora_A.float()  # peft keeps its adapters in fp32 over a 16-bit base (autocast_adapter_dtype)
             layer.lora_B.float()
             their = theirs.base_model.model.get_submodule(name)
-            layer.lora_A.weight.copy_(their.lora_A["default"].weight)
-            layer.lora_B.weight.copy_(torch.randn_like(layer.lora_B.weight) * 0.01)
-            their.lora_B["default"].weight.copy_(layer.lora_B.weight)
+            layer.lora_A["default"].weight.copy_(their.lora_A["default"].weight)
+            layer.lora_B["default"].weight.copy_(torch.randn_like(layer.lora_B["default"].weight) * 0.01)
+            their.lora_B["default"].weight.copy_(layer.lora_B["default"].weight)
     return theirs, ours
 
 
@@ -241,7 +245,7 @@ def step_function(model: nn.Module, side: str, method: str, batch: dict, device:
     """One training step of a side: forward (bf16 autocast), backward, AdamW, and AdaLoRA's extras (peft adds the
     orthogonality term inside its forward pass; peftlab adds it to the loss; both allocate after the step)."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    allocator = adalora.RankAllocator(model) if method == "adalora" and side == "peftlab" else None
+    allocator = adalora.RankAllocator(model) if method == "adalora" and side == "peftlab" else None  # its hooks
     counter = {"step": 0}
 
     def step(_index: int) -> None:

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_speed import twin_models
-from timing import matmul_tflops, median, timed_steps
+from peftlab.timing import matmul_tflops, median, timed_steps
 
 from peftlab import env, models
 
@@ -107,8 +107,11 @@ def phase_times(model, batch, device, repeats: int = 5) -> dict:
 
 def kernel_summary(prof, steps: int, wall_ms: float) -> dict:
     """Kernels grouped by kind, the top kernels, and how busy the GPU was over the profiled steps."""
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-               and not e.name.startswith(("Optimizer.", "ProfilerStep"))]  # user ranges on the GPU row, not kernels
+    kernels = [
+        e
+        for e in prof.events()
+        if e.device_type == torch.autograd.DeviceType.CUDA and not e.name.startswith(("Optimizer.", "ProfilerStep"))
+    ]  # user ranges on the GPU row, not kernels
     if not kernels:
         return {"note": "no CUDA kernels recorded (CPU run)"}
     intervals = sorted((e.time_range.start, e.time_range.end) for e in kernels)
@@ -128,8 +131,14 @@ def kernel_summary(prof, steps: int, wall_ms: float) -> dict:
         by_name[e.name][0] += e.time_range.elapsed_us()
         by_name[e.name][1] += 1
     step_us = wall_ms * 1e3
-    kinds = {kind: {"ms_per_step": us / steps / 1e3, "share_of_kernel_time": us / total,
-                    "share_of_step": us / steps / step_us} for kind, us in sorted(by_kind.items(), key=lambda x: -x[1])}
+    kinds = {
+        kind: {
+            "ms_per_step": us / steps / 1e3,
+            "share_of_kernel_time": us / total,
+            "share_of_step": us / steps / step_us,
+        }
+        for kind, us in sorted(by_kind.items(), key=lambda x: -x[1])
+    }
     top = [{"kernel": name[:160], "kind": kind_of(name), "ms_per_step": us / steps / 1e3, "calls_per_step": n / steps,
             "share_of_kernel_time": us / total, "share_of_step": us / steps / step_us}
            for name, (us, n) in sorted(by_name.items(), key=lambda x: -x[1][0])[:20]]  # fmt: skip
@@ -143,7 +152,7 @@ def kernel_counts(row: dict, device, args) -> dict:
     """Per side (peftlab LoRA, peft LoRA, full fine-tuning of the same base): kernels per step and GPU-busy ms per
     step (2 profiled steps), and peft against peftlab timed in alternating blocks (3 × ``--steps`` each), so that
     what is peftlab's (the LoRA layers' extra launches) stands apart from what is the model's."""
-    from timing import alternate
+    from peftlab.timing import alternate
 
     reference, ours = twin_models(row, device)
     ids = torch.randint(0, ours.config.vocab_size, (row["batch_size"], row["seq_len"]), device=device)
@@ -182,8 +191,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny row on any device, to try the script")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--counts", action="store_true",
-                        help="only kernels per step per side and peft vs peftlab alternated, into the results file")
+    parser.add_argument(
+        "--counts",
+        action="store_true",
+        help="only kernels per step per side and peft vs peftlab alternated, into the results file",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     device = env.resolve_device()

@@ -1,9 +1,6 @@
-"""Shared timing helpers of the benchmarks: one training step timed with the device synchronised around it, sides
-timed in alternating blocks, and the GPU's own dense bf16 matmul throughput (the ceiling a step is held against).
-
-Not a library module: the scripts beside it import it (``from timing import ...``), as the tests import
-``memory_accuracy``.
-"""
+"""The one step timer: a training step timed with the device synchronised around it, two sides timed in
+alternating blocks (so drift falls on both), and the GPU's own dense bf16 matmul throughput, the ceiling a step is
+held against. The notebooks and the benchmarks time with it."""
 
 from __future__ import annotations
 
@@ -65,5 +62,11 @@ def matmul_tflops(device: torch.device, n: int = 8192, warmup: int = 3, repeats:
     end.record()
     torch.cuda.synchronize(device)
     seconds = start.elapsed_time(end) / 1e3 / repeats
-    return {"tflops": 2 * n**3 / seconds / 1e12, "n": n, "dtype": "bf16", "repeats": repeats, "warmup": warmup,
-            "note": f"{n}x{n}x{n} bf16 torch.matmul on random data, CUDA events, mean of {repeats} after {warmup}"}
+    return {
+        "tflops": 2 * n**3 / seconds / 1e12,
+        "n": n,
+        "dtype": "bf16",
+        "repeats": repeats,
+        "warmup": warmup,
+        "note": f"{n}x{n}x{n} bf16 torch.matmul on random data, CUDA events, mean of {repeats} after {warmup}",
+    }
