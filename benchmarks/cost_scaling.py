@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from memory_accuracy import build, measure_phases, row
 from method_speed import step_flops
-from peftlab.timing import matmul_tflops, median, timed_steps
 
 from peftlab import env, memory, models
+from peftlab.timing import matmul_tflops, median, timed_steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_scaling.json"
 ARCHITECTURE = "smollm2-135m"

@@ -25,10 +25,9 @@ from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftlab.timing import alternate, timed_steps
-
 from peftlab import env, models
 from peftlab.methods import lora
+from peftlab.timing import alternate, timed_steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_speed.json"
 ROWS = [

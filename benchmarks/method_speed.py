@@ -42,10 +42,9 @@ from transformers.pytorch_utils import Conv1D
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftlab.timing import alternate, matmul_tflops, median, timed_steps
-
 from peftlab import env, models
 from peftlab.methods import adalora, ia3, lora, prefix, prompt, qlora
+from peftlab.timing import alternate, matmul_tflops, median, timed_steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "method_speed.json"
 METHODS = ("prompt", "ptuning", "prefix", "ia3", "adalora", "qlora")

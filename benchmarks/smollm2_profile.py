@@ -32,9 +32,9 @@ from transformers import AutoModelForCausalLM
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lora_speed import twin_models
-from peftlab.timing import matmul_tflops, median, timed_steps
 
 from peftlab import env, models
+from peftlab.timing import matmul_tflops, median, timed_steps
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_profile.json"
 TABLE = RESULTS.with_suffix(".txt")
