@@ -3,12 +3,19 @@
 ``train(model, loader, TrainConfig(...))`` runs ``max_steps`` optimizer steps of AdamW on the parameters that
 require gradients, with warm-up and a linear or cosine schedule, gradient accumulation, gradient clipping, mixed
 precision on a GPU (bf16 where the GPU has it, else fp16 with loss scaling), periodic evaluation, a progress bar,
-and returns a :class:`History`: losses, learning rates, evaluations, seconds per step and peak GPU memory.
+and returns a :class:`History`: losses, learning rates, evaluations, seconds per step and peak GPU memory. A run is
+``max_steps`` optimizer steps, or ``epochs`` passes over the loader.
 
 The loss is ``model(**batch).loss`` (every transformers model returns it when the batch holds ``labels``), or
 whatever ``loss_fn(model, batch) -> (loss, {name: value})`` computes: DPO's objective, AdaLoRA's loss with its
 orthogonality term. A method that needs more from the loop (AdaLoRA's rank allocator after every step, LoRA+'s
 optimizer) says so in the method registry, and the loop asks it (:func:`peftlab.methods.training_hooks`).
+
+It is hard to break: a bad setting or a first batch the model cannot learn from is refused before the first step,
+with what to change; an empty loader is an error, never an endless wait; an interrupted run (Ctrl-C, an error in
+a hook) leaves no stale gradients and the model in eval mode, and hands back what it measured
+(:class:`TrainingInterrupted`); ``checkpoint_every`` writes a checkpoint that ``resume_from`` continues from, bit
+for bit the run that was not interrupted.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,13 +36,20 @@ from peftlab.methods.hooks import LossFn
 
 SCHEDULES = ("constant", "linear", "cosine")
 MIXED_PRECISION = ("auto", "bf16", "fp16", "no")
+CHECKPOINT_NAME = "checkpoint.pt"
+
+
+def _whole(value, name: str, least: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}.")
 
 
 @dataclass
 class TrainConfig:
-    """What the loop does; every field has a safe default except the number of optimizer steps."""
+    """What the loop does: ``max_steps`` optimizer steps, or ``epochs`` passes over the loader (one of the two);
+    every other field has a safe default. Every value is checked here, before anything trains."""
 
-    max_steps: int
+    max_steps: int | None = None
     learning_rate: float = 1e-4
     weight_decay: float = 0.0
     warmup_steps: int = 0
@@ -43,22 +58,50 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     eval_every: int | None = None  # optimizer steps between evaluations; the end is always evaluated
     mixed_precision: str = "auto"  # auto: bf16 on a GPU that has it, fp16 on one that doesn't, none on a CPU
+    epochs: float | None = None  # instead of max_steps: passes over the loader (fractions allowed)
 
     def __post_init__(self):
-        if self.max_steps < 1:
-            raise ValueError(f"max_steps must be at least 1, got {self.max_steps}.")
-        if self.grad_accum_steps < 1:
-            raise ValueError(f"grad_accum_steps must be at least 1, got {self.grad_accum_steps}.")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive, got {self.learning_rate}.")
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("Give exactly one of max_steps (optimizer steps) and epochs (passes over the data).")
+        if self.max_steps is not None:
+            _whole(self.max_steps, "max_steps", 1)
+        if self.epochs is not None and not (isinstance(self.epochs, int | float) and self.epochs > 0):
+            raise ValueError(f"epochs must be a positive number of passes over the data, got {self.epochs!r}.")
+        _whole(self.grad_accum_steps, "grad_accum_steps", 1)
+        _whole(self.warmup_steps, "warmup_steps", 0)
+        if not (isinstance(self.learning_rate, int | float) and math.isfinite(self.learning_rate)
+                and self.learning_rate > 0):  # fmt: skip
+            raise ValueError(f"learning_rate must be a positive number, got {self.learning_rate!r}.")
+        if not (isinstance(self.weight_decay, int | float) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0):  # fmt: skip
+            raise ValueError(f"weight_decay must be 0 or more, got {self.weight_decay!r}.")
+        if self.max_grad_norm is not None and not (math.isfinite(self.max_grad_norm) and self.max_grad_norm > 0):
+            raise ValueError(
+                f"max_grad_norm must be positive (or None for no clipping), got {self.max_grad_norm!r}: a negative "
+                "norm would flip the gradient and run gradient ascent."
+            )
+        if self.eval_every is not None:
+            _whole(self.eval_every, "eval_every", 1)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"Unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}.")
         if self.mixed_precision not in MIXED_PRECISION:
             raise ValueError(
                 f"Unknown mixed_precision {self.mixed_precision!r}; use one of {', '.join(MIXED_PRECISION)}."
             )
-        if not 0 <= self.warmup_steps < self.max_steps:
-            raise ValueError(f"warmup_steps must be in [0, max_steps), got {self.warmup_steps}.")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps:
+            raise ValueError(f"warmup_steps must be less than max_steps ({self.max_steps}), got {self.warmup_steps}.")
+
+    def total_steps(self, loader: Iterable) -> int:
+        """The number of optimizer steps: ``max_steps``, or ``epochs`` passes of ``len(loader)`` batches."""
+        if self.max_steps is not None:
+            return self.max_steps
+        if not hasattr(loader, "__len__"):
+            raise ValueError("epochs needs a loader with a length (a DataLoader or a list): give max_steps instead.")
+        steps = math.ceil(self.epochs * len(loader) / self.grad_accum_steps)
+        if steps < 1 or self.warmup_steps >= steps:
+            raise ValueError(f"epochs={self.epochs} of {len(loader)} batches is {steps} steps, not enough for "
+                             f"warmup_steps={self.warmup_steps}: train longer or warm up less.")  # fmt: skip
+        return steps
 
 
 @dataclass
@@ -76,6 +119,7 @@ class History:
     device: str = ""
     trainable_parameters: int = 0
     method_state: object = None  # what the method kept while training (AdaLoRA: its RankAllocator)
+    interrupted_at: int | None = None  # the optimizer step an interruption stopped (None: the run finished)
 
     @property
     def seconds_per_step(self) -> float:
@@ -103,11 +147,12 @@ class History:
         return ax
 
 
-def learning_rate_factor(step: int, config: TrainConfig) -> float:
-    """The schedule: linear warm-up to 1, then constant, linear or cosine decay to 0 at ``max_steps``."""
+def learning_rate_factor(step: int, config: TrainConfig, total_steps: int | None = None) -> float:
+    """The schedule: linear warm-up to 1, then constant, linear or cosine decay to 0 at the last step."""
+    total = total_steps if total_steps is not None else config.max_steps
     if step < config.warmup_steps:
         return (step + 1) / (config.warmup_steps + 1)
-    progress = (step - config.warmup_steps) / max(1, config.max_steps - config.warmup_steps)
+    progress = (step - config.warmup_steps) / max(1, total - config.warmup_steps)
     if config.schedule == "linear":
         return 1.0 - progress
     if config.schedule == "cosine":
@@ -132,7 +177,13 @@ def make_adamw(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
-    """The dtype of mixed precision on this device, or ``None`` for full fp32."""
+    """The dtype of mixed precision on this device, or ``None`` for full fp32. Asking for bf16 or fp16 where there
+    is no CUDA GPU is refused (``auto`` trains in fp32 there)."""
+    if device.type != "cuda" and config.mixed_precision in ("bf16", "fp16"):
+        raise ValueError(
+            f"mixed_precision={config.mixed_precision!r} is mixed precision on a CUDA GPU, but this run is on "
+            f"{device.type}: use 'auto' (fp32 here, bf16 or fp16 on a GPU) or 'no'."
+        )
     if device.type != "cuda" or config.mixed_precision == "no":
         return None
     if config.mixed_precision == "auto":
@@ -141,17 +192,85 @@ def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | N
 
 
 def _forever(loader: Iterable) -> Iterator:
+    """The loader's batches again and again; an empty loader is an error at once, not an endless loop."""
     while True:
-        yield from loader
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+        if empty:
+            raise ValueError("The loader gave no batch: the data set is empty (or every row was filtered out).")
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
+    """Every tensor of a batch on ``device``; anything else is refused (a list of ids is not a batch)."""
+    if not isinstance(batch, dict):
+        raise TypeError(f"A batch must be a dict of tensors, got {type(batch).__name__}: build loaders with "
+                        "peftlab.data.make_loader.")  # fmt: skip
+    for key, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"The batch's {key!r} is a {type(value).__name__}, not a tensor: build loaders with "
+                            "peftlab.data.make_loader (it pads and stacks the examples).")  # fmt: skip
     return {key: value.to(device) for key, value in batch.items()}
+
+
+def check_first_batch(model: nn.Module, batch: dict, loss: torch.Tensor, uses_model_loss: bool) -> None:
+    """What a first step can get wrong, in peftlab's words, before the optimizer moves anything."""
+    if uses_model_loss and "labels" not in batch:
+        raise ValueError(f"The batch has no 'labels' (it has {', '.join(batch)}): the model's loss needs them. "
+                         "Tokenise with peftlab.data (it adds labels), or give train a loss_fn.")  # fmt: skip
+    labels = batch.get("labels")
+    num_labels = getattr(getattr(model, "config", None), "num_labels", None)
+    is_classifier = labels is not None and labels.dim() == 1 and hasattr(model, "config")
+    if is_classifier and num_labels and labels.max().item() >= num_labels:
+        raise ValueError(f"A label is {labels.max().item()}, but the model has {num_labels} classes (0..."
+                         f"{num_labels - 1}): load it with num_labels covering every label.")  # fmt: skip
+    if loss is None or not loss.requires_grad:
+        raise ValueError("The loss has no gradient: nothing that trains reaches it. Is LoRA merged (unmerge it), "
+                         "or is every parameter frozen?")  # fmt: skip
+    if not torch.isfinite(loss):
+        raise ValueError(f"The first loss is {loss.item()}: check the data (every label -100?) and the settings.")
 
 
 def model_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, float]]:
     """The default ``loss_fn``: the model's own loss, nothing else logged."""
     return model(**batch).loss, {}
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A run stopped early (Ctrl-C, or an error in a hook or in evaluation): ``history`` holds the steps it made."""
+
+    def __init__(self, history: History, cause: BaseException):
+        super().__init__(f"training interrupted after {len(history.steps)} steps ({type(cause).__name__}); "
+                         "the steps made are in .history")  # fmt: skip
+        self.history = history
+
+
+def _initial_rates(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Each group's starting rate, kept in the group (as torch's schedulers do) so that a second run with the
+    same optimizer starts from it, not from where the first run's schedule left it."""
+    for group in optimizer.param_groups:
+        group.setdefault("initial_lr", group["lr"])
+    return [group["initial_lr"] for group in optimizer.param_groups]
+
+
+def _save_checkpoint(path: Path, model: nn.Module, optimizer, scaler, history: History, state: dict) -> None:
+    trained = {name: p.detach().cpu().clone() for name, p in model.named_parameters() if p.requires_grad}
+    checkpoint = {"trained": trained, "optimizer": optimizer.state_dict(), "history": history.__dict__ | {
+        "method_state": None}, **state, "torch_rng": torch.get_rng_state(),
+                  "scaler": scaler.state_dict() if scaler else None}  # fmt: skip
+    partial = path.with_name(path.name + ".partial")
+    torch.save(checkpoint, partial)
+    partial.replace(path)  # a checkpoint appears only when complete
+
+
+def _load_checkpoint(path: str | Path) -> dict:
+    path = Path(path)
+    path = path / CHECKPOINT_NAME if path.is_dir() else path
+    if not path.is_file():
+        raise FileNotFoundError(f"No checkpoint at {path}: resume_from names the file (or folder) that "
+                                "checkpoint_every wrote.")  # fmt: skip
+    return torch.load(path, weights_only=True)  # tensors and plain values only: nothing in it can run code
 
 
 def train(
@@ -166,30 +285,65 @@ def train(
     device: torch.device | str | None = None,
     progress: bool = True,
     description: str = "train",
+    checkpoint_every: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume_from: str | Path | None = None,
 ) -> History:
-    """Train ``model`` for ``config.max_steps`` optimizer steps and return what was measured.
+    """Train ``model`` for ``config``'s steps and return what was measured.
 
     ``evaluate(model) -> {"metric": value}`` runs every ``config.eval_every`` steps and at the end (in eval mode,
     without gradients). ``loss_fn(model, batch) -> (loss, metrics)`` replaces ``model(**batch).loss``; its metrics
     are averaged over the accumulated micro-batches, recorded in ``History.metrics`` and shown on the progress bar.
     ``optimizer`` replaces the default AdamW (e.g. LoRA+ parameter groups); the schedule scales each group's own
-    learning rate. ``after_step(model, step)`` runs after each optimizer step, before the gradients are cleared
+    starting rate. ``after_step(model, step)`` runs after each optimizer step, before the gradients are cleared
     (step from 1). What is not given comes from the method the model carries (:func:`peftlab.methods.training_hooks`).
+
+    ``checkpoint_every=N`` writes the trained parameters, the optimizer, the position in the data and the random
+    state to ``checkpoint_dir/checkpoint.pt`` every N steps; ``resume_from`` (that file or folder) continues the run
+    where it was, exactly: give it the same model (freshly built, the method applied), loader and config. The
+    loader is replayed from its start (a loader from ``data.make_loader`` shuffles the same way every time).
+    An interruption raises :class:`TrainingInterrupted`, which carries the partial History.
     """
     from peftlab.methods import training_hooks  # the registry knows what each method needs from the loop
 
+    if checkpoint_every is not None:
+        _whole(checkpoint_every, "checkpoint_every", 1)
+        if checkpoint_dir is None:
+            raise ValueError("checkpoint_every needs checkpoint_dir: the folder the checkpoint is written to.")
+    resumed = _load_checkpoint(resume_from) if resume_from is not None else None
+    total = config.total_steps(loader)
     hooks = training_hooks(model, config)
-    loss_fn = loss_fn or hooks.loss_fn or model_loss
+    loss_fn, uses_model_loss = loss_fn or hooks.loss_fn or model_loss, loss_fn is None and hooks.loss_fn is None
     after_step = after_step or hooks.after_step
     device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = autocast_dtype(config, device)  # refuses bf16 on a CPU before anything moves
     model.to(device)
     optimizer = optimizer or (hooks.optimizer(model) if hooks.optimizer else make_adamw(model, config))
-    base_rates = [group["lr"] for group in optimizer.param_groups]
-    dtype = autocast_dtype(config, device)
+    base_rates = _initial_rates(optimizer)
     scaler = torch.amp.GradScaler("cuda") if dtype == torch.float16 else None
     params = trainable_parameters(model)
     history = History(device=str(device), trainable_parameters=sum(p.numel() for p in params),
                       method_state=hooks.state)  # fmt: skip
+    start, skip = 0, 0
+    if resumed is not None:
+        trained = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in resumed["trained"].items():
+                trained[name].copy_(value)
+        optimizer.load_state_dict(resumed["optimizer"])
+        if scaler and resumed["scaler"]:
+            scaler.load_state_dict(resumed["scaler"])
+        for key, value in resumed["history"].items():
+            if key != "method_state":
+                setattr(history, key, value)
+        history.interrupted_at = None
+        start, skip = resumed["step"], resumed["batches"]
+        torch.set_rng_state(resumed["torch_rng"])
+    if getattr(loader, "generator", None) is not None:  # replay the loader's shuffling from its first state
+        initial_generator = resumed["loader_generator"] if resumed else loader.generator.get_state()
+        loader.generator.set_state(initial_generator)
+    else:
+        initial_generator = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -200,49 +354,75 @@ def train(
         model.train()
 
     batches = _forever(loader)
+    for _ in range(skip):
+        next(batches)
+    consumed = skip
+    optimizer.zero_grad(set_to_none=True)  # no stale gradients from an earlier run enter the first step
     model.train()
     started = time.perf_counter()
-    bar = tqdm(range(config.max_steps), desc=description, disable=not progress)
-    for step in bar:
-        step_started = time.perf_counter()
-        factor = learning_rate_factor(step, config)
-        for group, base in zip(optimizer.param_groups, base_rates, strict=True):
-            group["lr"] = base * factor
-        loss_sum, logged = 0.0, {}
-        for _ in range(config.grad_accum_steps):
-            batch = to_device(next(batches), device)
-            with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
-                loss, metrics = loss_fn(model, batch)
-            loss = loss / config.grad_accum_steps
-            loss_sum += loss.item()
-            for name, value in metrics.items():
-                logged[name] = logged.get(name, 0.0) + value / config.grad_accum_steps
-            (scaler.scale(loss) if scaler else loss).backward()
-        if scaler:
-            scaler.unscale_(optimizer)
-        if config.max_grad_norm is not None:
-            torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        if after_step is not None:
-            after_step(model, step + 1)
+    bar = tqdm(range(start, total), desc=description, disable=not progress, initial=start, total=total)
+    try:
+        for step in bar:
+            step_started = time.perf_counter()
+            factor = learning_rate_factor(step, config, total)
+            for group, base in zip(optimizer.param_groups, base_rates, strict=True):
+                group["lr"] = base * factor
+            loss_sum, logged = 0.0, {}
+            for _ in range(config.grad_accum_steps):
+                batch = to_device(next(batches), device)
+                consumed += 1
+                with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
+                    loss, metrics = loss_fn(model, batch)
+                if step == start:
+                    check_first_batch(model, batch, loss, uses_model_loss)
+                loss = loss / config.grad_accum_steps
+                loss_sum += loss.item()
+                for name, value in metrics.items():
+                    logged[name] = logged.get(name, 0.0) + value / config.grad_accum_steps
+                (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.unscale_(optimizer)
+            if config.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            if after_step is not None:
+                after_step(model, step + 1)
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            history.step_seconds.append(time.perf_counter() - step_started)
+            history.steps.append(step + 1)
+            history.losses.append(loss_sum)
+            history.learning_rates.append(optimizer.param_groups[0]["lr"])
+            for name, value in logged.items():
+                history.metrics.setdefault(name, []).append(value)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", **{name: f"{value:.4g}" for name, value in logged.items()})
+            if evaluate and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < total:
+                run_evaluation(step + 1)
+            if checkpoint_every and (step + 1) % checkpoint_every == 0 and step + 1 < total:
+                Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+                _save_checkpoint(
+                    Path(checkpoint_dir) / CHECKPOINT_NAME,
+                    model,
+                    optimizer,
+                    scaler,
+                    history,
+                    {"step": step + 1, "batches": consumed, "loader_generator": initial_generator},
+                )
+        if evaluate:
+            run_evaluation(total)
+    except (KeyboardInterrupt, Exception) as error:
         optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        history.step_seconds.append(time.perf_counter() - step_started)
-        history.steps.append(step + 1)
-        history.losses.append(loss_sum)
-        history.learning_rates.append(optimizer.param_groups[0]["lr"])
-        for name, value in logged.items():
-            history.metrics.setdefault(name, []).append(value)
-        bar.set_postfix(loss=f"{loss_sum:.4f}", **{name: f"{value:.4g}" for name, value in logged.items()})
-        if evaluate and config.eval_every and (step + 1) % config.eval_every == 0 and step + 1 < config.max_steps:
-            run_evaluation(step + 1)
-    if evaluate:
-        run_evaluation(config.max_steps)
+        model.eval()
+        bar.close()
+        if isinstance(error, ValueError | TypeError) and not history.steps:
+            raise  # a setting or a batch refused before the first step: the error says what to change
+        history.interrupted_at = len(history.steps)
+        raise TrainingInterrupted(history, error) from error
     history.total_seconds = time.perf_counter() - started
     if device.type == "cuda":
         history.peak_memory_bytes = torch.cuda.max_memory_allocated(device)

@@ -87,11 +87,18 @@ def test_a_custom_optimizer_keeps_its_groups_rates_under_the_schedule():
 
 @pytest.mark.parametrize(
     ("kwargs", "message"),
-    [({"max_steps": 0}, "max_steps must be at least 1"), ({"max_steps": 5, "schedule": "step"}, "Unknown schedule"),
-     ({"max_steps": 5, "learning_rate": 0}, "learning_rate must be positive"),
-     ({"max_steps": 5, "warmup_steps": 5}, "warmup_steps must be in"),
+    [({"max_steps": 0}, "max_steps must be a whole number of at least 1"),
+     ({"max_steps": 2.5}, "max_steps must be a whole number"), ({"max_steps": 5, "schedule": "step"}, "Unknown schedule"),
+     ({"max_steps": 5, "learning_rate": 0}, "learning_rate must be a positive number"),
+     ({"max_steps": 5, "learning_rate": float("nan")}, "learning_rate must be a positive number, got nan"),
+     ({"max_steps": 5, "warmup_steps": 5}, r"warmup_steps must be less than max_steps \(5\)"),
      ({"max_steps": 5, "grad_accum_steps": 0}, "grad_accum_steps"),
-     ({"max_steps": 5, "mixed_precision": "fp8"}, "Unknown mixed_precision")],
+     ({"max_steps": 5, "mixed_precision": "fp8"}, "Unknown mixed_precision"),
+     ({"max_steps": 5, "max_grad_norm": -1}, "max_grad_norm must be positive .* gradient ascent"),
+     ({"max_steps": 5, "weight_decay": -0.1}, "weight_decay must be 0 or more"),
+     ({"max_steps": 5, "eval_every": -2}, "eval_every must be a whole number of at least 1"),
+     ({}, "Give exactly one of max_steps .* and epochs"), ({"max_steps": 5, "epochs": 1}, "Give exactly one"),
+     ({"epochs": 0}, "epochs must be a positive number")],
 )  # fmt: skip
 def test_bad_config_is_refused_with_a_reason(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -149,3 +156,111 @@ def test_a_loss_hook_replaces_the_loss_logs_its_metrics_and_a_step_hook_runs_aft
     assert hooked.metrics["task_loss"][0] == pytest.approx(plain.losses[0])  # the same start
     assert hooked.losses[0] == pytest.approx(plain.losses[0] + 100 * hooked.metrics["penalty"][0])
     assert hooked.metrics["task_loss"][-1] != pytest.approx(plain.losses[-1])  # the penalty changed the training
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hard to break: empty data, bad batches, interruptions, resuming, a reused optimizer
+# ----------------------------------------------------------------------------------------------------------------
+def test_an_empty_loader_is_an_error_at_once_not_an_endless_loop():
+    model = models.tiny_model("llama")
+    with pytest.raises(ValueError, match="The loader gave no batch: the data set is empty"):
+        train.train(model, [], train.TrainConfig(max_steps=3), progress=False)
+    empty = data.make_loader([], tokenizer=type("T", (), {"pad_token_id": 0})(), batch_size=2)
+    with pytest.raises(ValueError, match="epochs=1 of 0 batches is 0 steps"):
+        train.train(model, empty, train.TrainConfig(epochs=1), progress=False)
+
+
+def test_the_first_batch_is_checked_in_peftlabs_words():
+    model = models.tiny_model("llama")
+    (batch,) = token_batches(model)
+    no_labels = {k: v for k, v in batch.items() if k != "labels"}
+    with pytest.raises(ValueError, match="The batch has no 'labels' .* Tokenise with peftlab.data"):
+        train.train(model, [no_labels], train.TrainConfig(max_steps=1), progress=False)
+    with pytest.raises(TypeError, match="'input_ids' is a list, not a tensor: build loaders with .*make_loader"):
+        train.train(model, [{**batch, "input_ids": [1, 2, 3]}], train.TrainConfig(max_steps=1), progress=False)
+    frozen = models.tiny_model("llama")
+    frozen.requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        train.train(frozen, [batch], train.TrainConfig(max_steps=1), progress=False)
+    classifier = models.tiny_model("bert", task="classification")  # 3 classes
+    too_high = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": torch.tensor(
+        [0, 1, 5, 2])}  # fmt: skip
+    with pytest.raises(ValueError, match=r"A label is 5, but the model has 3 classes"):
+        train.train(classifier, [too_high], train.TrainConfig(max_steps=1), progress=False)
+
+
+def test_a_merged_lora_has_no_gradient_and_is_refused_before_any_step():
+    from peftlab.methods import lora
+
+    model = lora.merge(lora.apply(models.tiny_model("llama"), lora.LoRAConfig(r=2)))
+    with pytest.raises(ValueError, match="The loss has no gradient: .* Is LoRA merged"):
+        train.train(model, token_batches(model), train.TrainConfig(max_steps=2), progress=False)
+
+
+def test_bf16_on_a_cpu_is_refused():
+    model = models.tiny_model("llama")
+    with pytest.raises(ValueError, match="mixed_precision='bf16' is mixed precision on a CUDA GPU, but this run is on"):
+        train.train(model, token_batches(model), train.TrainConfig(max_steps=1, mixed_precision="bf16"),
+                    progress=False)  # fmt: skip
+
+
+def test_epochs_count_the_steps_from_the_loader():
+    model = models.tiny_model("llama")
+    batches = token_batches(model) * 5
+    history = train.train(model, batches, train.TrainConfig(epochs=1.5, grad_accum_steps=2), progress=False)
+    assert history.steps == [1, 2, 3, 4]  # ceil(1.5 × 5 / 2)
+
+
+def test_an_interrupted_run_keeps_its_history_and_leaves_no_stale_gradients():
+    model = models.tiny_model("llama")
+
+    def interrupt(m, step):
+        if step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(train.TrainingInterrupted) as caught:
+        train.train(model, token_batches(model), train.TrainConfig(max_steps=10), after_step=interrupt,
+                    progress=False)  # fmt: skip
+    assert caught.value.history.steps == [1, 2] and caught.value.history.interrupted_at == 2
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_a_reused_optimizer_starts_its_second_run_from_its_own_rate():
+    model = models.tiny_model("llama")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    config = train.TrainConfig(max_steps=4, learning_rate=1e-3, schedule="linear")
+    first = train.train(model, token_batches(model), config, optimizer=optimizer, progress=False)
+    second = train.train(model, token_batches(model), config, optimizer=optimizer, progress=False)
+    assert second.learning_rates == pytest.approx(first.learning_rates)  # not 1e-3 × 0.25 × ...
+
+
+def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
+    """Six steps in one go, and three, an interruption, then three more from the checkpoint: the same weights and
+    losses exactly (a shuffled loader replays its order; no dropout in the tiny model)."""
+    features = [{"input_ids": list(range(3 + i, 11 + i)), "attention_mask": [1] * 8, "labels": list(range(3 + i,
+                11 + i))} for i in range(12)]  # fmt: skip
+    tokenizer = type("Tokenizer", (), {"pad_token_id": 0})()
+    config = train.TrainConfig(max_steps=6, learning_rate=1e-2, warmup_steps=1)
+
+    whole = models.tiny_model("llama")
+    straight = train.train(whole, data.make_loader(features, tokenizer, 4, shuffle=True, seed=3), config,
+                           progress=False)  # fmt: skip
+
+    def stop_after_four(m, step):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    first = models.tiny_model("llama")
+    with pytest.raises(train.TrainingInterrupted):
+        train.train(first, data.make_loader(features, tokenizer, 4, shuffle=True, seed=3), config,
+                    after_step=stop_after_four, checkpoint_every=3, checkpoint_dir=tmp_path, progress=False)  # fmt: skip
+    resumed_model = models.tiny_model("llama")
+    resumed = train.train(resumed_model, data.make_loader(features, tokenizer, 4, shuffle=True, seed=3), config,
+                          resume_from=tmp_path, progress=False)  # fmt: skip
+    assert resumed.losses == straight.losses and resumed.steps == straight.steps
+    for a, b in zip(whole.parameters(), resumed_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(FileNotFoundError, match="No checkpoint at .*resume_from names the file"):
+        train.train(models.tiny_model("llama"), [features], config, resume_from=tmp_path / "none", progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
+        train.train(models.tiny_model("llama"), [features], config, checkpoint_every=2, progress=False)
