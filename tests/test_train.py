@@ -88,7 +88,8 @@ def test_a_custom_optimizer_keeps_its_groups_rates_under_the_schedule():
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [({"max_steps": 0}, "max_steps must be a whole number of at least 1"),
-     ({"max_steps": 2.5}, "max_steps must be a whole number"), ({"max_steps": 5, "schedule": "step"}, "Unknown schedule"),
+     ({"max_steps": 2.5}, "max_steps must be a whole number"),
+     ({"max_steps": 5, "schedule": "step"}, "Unknown schedule"),
      ({"max_steps": 5, "learning_rate": 0}, "learning_rate must be a positive number"),
      ({"max_steps": 5, "learning_rate": float("nan")}, "learning_rate must be a positive number, got nan"),
      ({"max_steps": 5, "warmup_steps": 5}, r"warmup_steps must be less than max_steps \(5\)"),
@@ -174,9 +175,9 @@ def test_the_first_batch_is_checked_in_peftlabs_words():
     model = models.tiny_model("llama")
     (batch,) = token_batches(model)
     no_labels = {k: v for k, v in batch.items() if k != "labels"}
-    with pytest.raises(ValueError, match="The batch has no 'labels' .* Tokenise with peftlab.data"):
+    with pytest.raises(ValueError, match=r"The batch has no 'labels' .* Tokenise with peftlab.data"):
         train.train(model, [no_labels], train.TrainConfig(max_steps=1), progress=False)
-    with pytest.raises(TypeError, match="'input_ids' is a list, not a tensor: build loaders with .*make_loader"):
+    with pytest.raises(TypeError, match=r"'input_ids' is a list, not a tensor: build loaders with .*make_loader"):
         train.train(model, [{**batch, "input_ids": [1, 2, 3]}], train.TrainConfig(max_steps=1), progress=False)
     frozen = models.tiny_model("llama")
     frozen.requires_grad_(False)
@@ -193,7 +194,7 @@ def test_a_merged_lora_has_no_gradient_and_is_refused_before_any_step():
     from peftlab.methods import lora
 
     model = lora.merge(lora.apply(models.tiny_model("llama"), lora.LoRAConfig(r=2)))
-    with pytest.raises(ValueError, match="The loss has no gradient: .* Is LoRA merged"):
+    with pytest.raises(ValueError, match=r"The loss has no gradient: .* Is LoRA merged"):
         train.train(model, token_batches(model), train.TrainConfig(max_steps=2), progress=False)
 
 
@@ -253,14 +254,15 @@ def test_resuming_from_a_checkpoint_continues_bit_for_bit(tmp_path):
     first = models.tiny_model("llama")
     with pytest.raises(train.TrainingInterrupted):
         train.train(first, data.make_loader(features, tokenizer, 4, shuffle=True, seed=3), config,
-                    after_step=stop_after_four, checkpoint_every=3, checkpoint_dir=tmp_path, progress=False)  # fmt: skip
+                    after_step=stop_after_four, checkpoint_every=3, checkpoint_dir=tmp_path,
+                    progress=False)  # fmt: skip
     resumed_model = models.tiny_model("llama")
     resumed = train.train(resumed_model, data.make_loader(features, tokenizer, 4, shuffle=True, seed=3), config,
                           resume_from=tmp_path, progress=False)  # fmt: skip
     assert resumed.losses == straight.losses and resumed.steps == straight.steps
     for a, b in zip(whole.parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(a, b)
-    with pytest.raises(FileNotFoundError, match="No checkpoint at .*resume_from names the file"):
+    with pytest.raises(FileNotFoundError, match=r"No checkpoint at .*resume_from names the file"):
         train.train(models.tiny_model("llama"), [features], config, resume_from=tmp_path / "none", progress=False)
     with pytest.raises(ValueError, match="checkpoint_every needs checkpoint_dir"):
         train.train(models.tiny_model("llama"), [features], config, checkpoint_every=2, progress=False)
