@@ -21,8 +21,11 @@ from __future__ import annotations
 import csv
 import difflib
 import hashlib
+import io
 import json
 import os
+import random
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +37,9 @@ from peftlab.models import home_dir
 #: Label names of the financial sentiment sets (public tweets and the teaching headlines): 0, 1, 2.
 SENTIMENT_LABELS = ("bearish", "bullish", "neutral")
 SENTIMENT_LABELS_ZH = ("利空", "利好", "中性")
+
+#: Text fields that may not be empty or white space (an instruction's ``input`` may be).
+NON_EMPTY = ("text", "instruction", "output", "prompt", "chosen", "rejected", "value")
 
 #: The value that ``torch.nn.functional.cross_entropy`` ignores: labels of tokens the loss must not see.
 IGNORE_INDEX = -100
@@ -97,22 +103,34 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check_md5(path: Path, expected: str) -> Path:
+def _check_md5(path: Path, expected: str, remedy: str) -> Path:
     actual = md5_of(path)
     if actual != expected:
         raise DataError(
             f"{path} has md5 {actual}, but the catalogue expects {expected}: the file is damaged or another "
-            "version. Replace it with the catalogued file (download=True fetches it)."
+            f"version. {remedy}"
         )
     return path
 
 
 def _download(url: str, target: Path, md5: str) -> Path:
+    """Fetch ``url`` to ``target``, checked against ``md5``; the file appears only when it is complete and right."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(target.name + ".partial")
     print(f"Downloading {url} -> {target}")
-    urllib.request.urlretrieve(url, partial)
-    _check_md5(partial, md5)
+    try:
+        urllib.request.urlretrieve(url, partial)
+    except (OSError, urllib.error.URLError) as error:
+        partial.unlink(missing_ok=True)
+        raise DataError(
+            f"Could not download {url} ({getattr(error, 'reason', error)}). Check the network (or a proxy), or "
+            f"put the catalogued file at {target} yourself."
+        ) from error
+    try:
+        _check_md5(partial, md5, "The download was not the catalogued file: try again later, or report it.")
+    except DataError:
+        partial.unlink(missing_ok=True)  # nothing half-right stays behind
+        raise
     partial.replace(target)
     return target
 
@@ -124,14 +142,19 @@ def public_file(name: str, split: str, download: bool | None = None) -> Path:
         raise DataError(f"{name!r} has no split {split!r}; it has {', '.join(entry['splits'])}.")
     spec = entry["splits"][split]
     folder = public_data_dir()
-    candidates = ([folder / spec["path"]] if folder else []) + [home_dir() / "data" / spec["path"]]
-    for path in candidates:
-        if path.exists():
-            return _check_md5(path, spec["md5"])
+    cached = home_dir() / "data" / spec["path"]
     if download is None:
         download = os.environ.get("PEFTLAB_DOWNLOAD", "") == "1"
+    if folder and (folder / spec["path"]).exists():  # the user's folder: never written to
+        return _check_md5(folder / spec["path"], spec["md5"],
+                          f"Replace it in PEFTLAB_DATA_DIR={folder} with the catalogued file, or unset "
+                          f"PEFTLAB_DATA_DIR and download=True fetches it into {home_dir() / 'data'}.")  # fmt: skip
+    if cached.exists():
+        if download and md5_of(cached) != spec["md5"]:  # peftlab's own copy is damaged: fetch it again
+            return _download(spec["url"], cached, spec["md5"])
+        return _check_md5(cached, spec["md5"], f"download=True replaces it (peftlab's own copy in {cached.parent}).")
     if download:
-        return _download(spec["url"], candidates[-1], spec["md5"])
+        return _download(spec["url"], cached, spec["md5"])
     where = f"in PEFTLAB_DATA_DIR={folder}" if folder else "(PEFTLAB_DATA_DIR is not set)"
     raise DataError(
         f"Data set {name!r} needs {spec['path']}, not found {where} nor in {home_dir() / 'data'}. Either set "
@@ -151,10 +174,15 @@ def _require(row: dict, fields: dict[str, type], where: str) -> None:
             raise DataError(
                 f"{where}: field {field!r} is missing (expected: {', '.join(fields)}). Fix or drop the row."
             )
-        if not isinstance(row[field], kind):
+        value = row[field]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise DataError(
-                f"{where}: field {field!r} should be {kind.__name__}, got {type(row[field]).__name__} "
-                f"({row[field]!r:.60}). Fix or drop the row."
+                f"{where}: field {field!r} should be {kind.__name__}, got {type(value).__name__} "
+                f"({value!r:.60}). Fix or drop the row."
+            )
+        if kind is str and field in NON_EMPTY and not value.strip():
+            raise DataError(
+                f"{where}: field {field!r} is empty: a model cannot learn from no text. Fix or drop the row."
             )
 
 
@@ -164,9 +192,30 @@ def _check_label(label: int, labels: tuple[str, ...], where: str) -> int:
     return label
 
 
+def read_text(path: Path, encodings: tuple[str, ...] = ("utf-8",)) -> tuple[str, str]:
+    """The text of a file and the encoding that read it: the first of ``encodings`` that decodes it whole. When none
+    does, the error names the file and the line of the first byte UTF-8 cannot read."""
+    raw = path.read_bytes()
+    for encoding in encodings:
+        try:
+            return raw.decode(encoding), encoding
+        except UnicodeDecodeError:
+            continue
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise DataError(
+            f"{path}:{line}: byte {raw[error.start : error.start + 1]!r} is not UTF-8"
+            + (f" (nor {', '.join(encodings[1:])})" if len(encodings) > 1 else "")
+            + ". Save the file as UTF-8, or name its encoding."
+        ) from error
+    raise AssertionError("unreachable: UTF-8 failed above")
+
+
 def _read_jsonl(path: Path) -> list[tuple[str, dict]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(read_text(path)[0].splitlines(), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -211,7 +260,7 @@ def _split_teaching(rows: list[dict], split: str) -> list[dict]:
 
 def _read_fin_tweets(path: Path) -> list[dict]:
     rows = []
-    with open(path, encoding="utf-8", newline="") as file:
+    with io.StringIO(read_text(path)[0], newline="") as file:
         reader = csv.DictReader(file)
         if reader.fieldnames != ["text", "label"]:
             raise DataError(f"{path}: expected the columns text,label, found {reader.fieldnames}.")
@@ -221,7 +270,7 @@ def _read_fin_tweets(path: Path) -> list[dict]:
                 label = int(row["label"])
             except (TypeError, ValueError) as error:
                 raise DataError(f"{where}: label {row['label']!r} is not an integer 0, 1 or 2.") from error
-            if not row["text"]:
+            if not row["text"].strip():
                 raise DataError(f"{where}: empty text. Fix or drop the row.")
             rows.append({"text": row["text"], "label": _check_label(label, SENTIMENT_LABELS, where), "lang": "en"})
     return rows
@@ -232,7 +281,7 @@ _ROLES = {"system": "system", "human": "user", "gpt": "assistant"}
 
 def _read_sharegpt_preferences(path: Path, language: str) -> list[dict]:
     rows = []
-    for index, row in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+    for index, row in enumerate(json.loads(read_text(path)[0])):
         where = f"{path}[{index}]"
         _require(row, {"conversations": list, "chosen": dict, "rejected": dict}, where)
         messages = []
@@ -257,7 +306,7 @@ def _read_public(name: str, split: str, download: bool | None) -> list[dict]:
         return _read_fin_tweets(path)
     if name.startswith("alpaca"):
         rows = []
-        for index, row in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+        for index, row in enumerate(json.loads(read_text(path)[0])):
             _require(row, {"instruction": str, "input": str, "output": str}, f"{path}[{index}]")
             rows.append({"instruction": row["instruction"], "input": row["input"], "output": row["output"],
                          "lang": language})  # fmt: skip
@@ -265,9 +314,9 @@ def _read_public(name: str, split: str, download: bool | None) -> list[dict]:
     if name.startswith("dpo"):
         return _read_sharegpt_preferences(path, language)
     if name == "tinyshakespeare":
-        return [{"text": path.read_text(encoding="utf-8"), "lang": language}]
+        return [{"text": read_text(path)[0], "lang": language}]
     poems = []
-    for index, poem in enumerate(json.loads(path.read_text(encoding="utf-8"))):
+    for index, poem in enumerate(json.loads(read_text(path)[0])):
         _require(poem, {"title": str, "author": str, "paragraphs": list}, f"{path}[{index}]")
         poems.append({"title": poem["title"], "author": poem["author"], "text": "\n".join(poem["paragraphs"]),
                       "lang": language})  # fmt: skip
@@ -307,6 +356,118 @@ def task_of(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# A learner's own labelled file, and a split of it
+# ----------------------------------------------------------------------------------------------------------------
+FORMATS = ("csv", "tsv", "jsonl", "at")  # "at": one "text@label" per line
+#: Tried in this order; the first that decodes the whole file wins (and read_labelled says which).
+ENCODINGS = ("utf-8", "utf-8-sig", "gb18030", "cp1252")
+
+
+@dataclass
+class LabelledSet:
+    """Rows ``{"text", "label"}`` with integer labels, the label names they index, and how the file was read."""
+
+    rows: list[dict]
+    labels: tuple[str, ...]
+    encoding: str
+
+
+def _format_of(path: Path, fmt: str | None) -> str:
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise DataError(f"Unknown format {fmt!r}; use one of {', '.join(FORMATS)}.")
+        return fmt
+    suffix = path.suffix.lower().lstrip(".")
+    guessed = {"csv": "csv", "tsv": "tsv", "jsonl": "jsonl", "json": "jsonl", "txt": "at"}.get(suffix)
+    if guessed is None:
+        raise DataError(f"{path}: cannot tell the format from {path.suffix!r}: pass fmt= one of {', '.join(FORMATS)}.")
+    return guessed
+
+
+def read_labelled(path: str | Path, text: str = "text", label: str = "label", labels: tuple[str, ...] | None = None,
+                  fmt: str | None = None) -> LabelledSet:  # fmt: skip
+    """Read a labelled text file of your own: CSV, TSV, JSON lines, or ``text@label`` lines (the format from the
+    suffix unless ``fmt`` says). ``text`` and ``label`` name the columns (fields). The label names come from the data
+    (sorted) unless ``labels`` gives them, in which case a row with another label is refused, naming its line.
+    Encodings are tried in :data:`ENCODINGS` order and the one used is reported in the result."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path} is not a file.")
+    fmt = _format_of(path, fmt)
+    content, encoding = read_text(path, ENCODINGS)
+    raw: list[tuple[str, str, str]] = []  # (where, text, label name)
+    if fmt in ("csv", "tsv"):
+        reader = csv.DictReader(io.StringIO(content, newline=""), delimiter="," if fmt == "csv" else "\t")
+        missing = [column for column in (text, label) if column not in (reader.fieldnames or [])]
+        if missing:
+            raise DataError(f"{path}: no column {missing[0]!r}; the columns are {reader.fieldnames}: pass text= and "
+                            "label= naming yours.")  # fmt: skip
+        raw = [(f"{path}:{number}", row[text] or "", (row[label] or "").strip())
+               for number, row in enumerate(reader, start=2)]  # fmt: skip
+    else:
+        for number, line in enumerate(content.splitlines(), start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            if fmt == "at":
+                if "@" not in line:
+                    raise DataError(f"{where}: expected 'text@label', found no '@'. Fix or drop the line.")
+                body, name = line.rsplit("@", 1)
+                raw.append((where, body, name.strip()))
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{where}: not valid JSON ({error.msg}). Fix or drop the line.") from error
+            _require(row, {text: str}, where)
+            if label not in row or isinstance(row[label], bool):
+                raise DataError(f"{where}: no usable field {label!r} (got {row.get(label)!r}). Fix or drop the row.")
+            raw.append((where, row[text], str(row[label]).strip()))
+    if not raw:
+        raise DataError(f"{path} holds no rows.")
+    names = tuple(labels) if labels is not None else tuple(sorted({name for _, _, name in raw}))
+    index = {name: i for i, name in enumerate(names)}
+    rows = []
+    for where, body, name in raw:
+        if not body.strip():
+            raise DataError(f"{where}: empty text. Fix or drop the row.")
+        if name not in index:
+            raise DataError(f"{where}: label {name!r} is not one of {', '.join(names)}. Fix the row or the labels.")
+        rows.append({"text": body, "label": index[name]})
+    return LabelledSet(rows=rows, labels=names, encoding=encoding)
+
+
+def split(rows: list[dict], validation: float = 0.1, test: float = 0.1, seed: int = 0,
+          stratify: str | None = "label") -> dict[str, list[dict]]:  # fmt: skip
+    """Train, validation and test splits of ``rows`` (shares of each), shuffled with ``seed``; with ``stratify``
+    every split keeps each class's share (per value of that field), each class giving at least one row to a split
+    whose share is above zero when it has rows enough."""
+    for name, share in (("validation", validation), ("test", test)):
+        if not 0 <= share < 1:
+            raise DataError(f"{name} must be a share in [0, 1), got {share!r}.")
+    if validation + test >= 1:
+        raise DataError(f"validation + test = {validation + test} leaves no training rows: lower them.")
+    if not rows:
+        raise DataError("split got no rows: the data set is empty.")
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[stratify] if stratify else None, []).append(row)
+    generator = random.Random(seed)
+    splits: dict[str, list[dict]] = {"train": [], "validation": [], "test": []}
+    for key in sorted(groups, key=repr):
+        members = list(groups[key])
+        generator.shuffle(members)
+        n_test = round(len(members) * test) or (1 if test and len(members) >= 3 else 0)
+        n_validation = round(len(members) * validation) or (1 if validation and len(members) >= 3 else 0)
+        splits["test"] += members[:n_test]
+        splits["validation"] += members[n_test : n_test + n_validation]
+        splits["train"] += members[n_test + n_validation :]
+    for part in splits.values():
+        generator.shuffle(part)
+    return splits
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Formatting and label masking
 # ----------------------------------------------------------------------------------------------------------------
 def instruction_messages(row: dict) -> list[dict]:
@@ -325,10 +486,17 @@ def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_length: 
 
     The labels copy the ids, with the prompt's positions set to ``IGNORE_INDEX`` (-100), so that the loss
     ``-Σ log p(response_t | prompt, response_<t)`` counts the answer and never the question. Prompt and response
-    are tokenised apart so that the boundary is exact. Truncation keeps the start (``max_length`` tokens).
+    are tokenised apart so that the boundary is exact. Truncation keeps the start (``max_length`` tokens): a
+    response cut there loses its end and its EOS, so choose ``max_length`` above the longest example; a prompt that
+    leaves no room for any of the answer is refused.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt_ids) >= max_length:
+        raise DataError(
+            f"The prompt is {len(prompt_ids)} tokens, and max_length={max_length} leaves no room for the answer: "
+            "nothing would be trained (the loss would be NaN). Raise max_length, or shorten or drop the example."
+        )
     input_ids = (prompt_ids + response_ids)[:max_length]
     labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}

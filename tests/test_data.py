@@ -197,8 +197,15 @@ def test_label_masking_trains_on_the_answer_only(chat_tokenizer):
 
 def test_truncation_keeps_the_start_and_stays_aligned(chat_tokenizer):
     row = {"instruction": "Count.", "input": "", "output": " ".join(map(str, range(200)))}
-    example = data.tokenize_instruction(chat_tokenizer, row, max_length=32)
-    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 32
+    example = data.tokenize_instruction(chat_tokenizer, row, max_length=48)
+    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 48
+    assert example["labels"][-1] != data.IGNORE_INDEX  # some of the answer is trained
+
+
+def test_a_prompt_that_leaves_no_room_for_the_answer_is_refused(chat_tokenizer):
+    row = {"instruction": "Count.", "input": "", "output": "1 2 3"}
+    with pytest.raises(data.DataError, match=r"The prompt is \d+ tokens, and max_length=16 leaves no room"):
+        data.tokenize_instruction(chat_tokenizer, row, max_length=16)
 
 
 def test_collator_pads_ids_masks_and_labels():
@@ -220,3 +227,88 @@ def test_classification_features_and_loader():
         r["label"] for r in rows]  # fmt: skip
     batch = next(iter(data.make_loader(features, tokenizer, batch_size=4)))
     assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)
+
+
+# -- a learner's own file ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "content", "fmt"),
+    [("mine.csv", "text,label\nstocks soar,up\nshares slump,down\nflat day,flat\n", None),
+     ("mine.tsv", "text\tlabel\nstocks soar\tup\nshares slump\tdown\nflat day\tflat\n", None),
+     ("mine.jsonl", '{"text": "stocks soar", "label": "up"}\n{"text": "shares slump", "label": "down"}\n'
+                    '{"text": "flat day", "label": "flat"}\n', None),
+     ("mine.txt", "stocks soar@up\nshares slump@down\nflat day@flat\n", None)],
+)  # fmt: skip
+def test_a_labelled_file_reads_in_every_format_with_labels_from_the_data(tmp_path, name, content, fmt):
+    (tmp_path / name).write_text(content, encoding="utf-8")
+    read = data.read_labelled(tmp_path / name, fmt=fmt)
+    assert read.labels == ("down", "flat", "up") and read.encoding == "utf-8"
+    assert read.rows == [{"text": "stocks soar", "label": 2}, {"text": "shares slump", "label": 0},
+                         {"text": "flat day", "label": 1}]  # fmt: skip
+
+
+def test_the_encoding_fallback_says_which_it_used_and_bad_rows_name_their_line(tmp_path):
+    (tmp_path / "zh.csv").write_bytes("text,label\n股价上涨,利好\n".encode("gb18030"))
+    read = data.read_labelled(tmp_path / "zh.csv")
+    assert read.encoding == "gb18030" and read.rows == [{"text": "股价上涨", "label": 0}] and read.labels == ("利好",)
+    (tmp_path / "bad.csv").write_text("text,label\nfine,up\nodd,sideways\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"bad.csv:3: label 'sideways' is not one of up, down"):
+        data.read_labelled(tmp_path / "bad.csv", labels=("up", "down"))
+    (tmp_path / "empty.txt").write_text("  @up\n", encoding="utf-8")
+    with pytest.raises(data.DataError, match=r"empty.txt:1: empty text"):
+        data.read_labelled(tmp_path / "empty.txt")
+    with pytest.raises(data.DataError, match=r"no column 'sentence'; the columns are \['text', 'label'\]"):
+        data.read_labelled(tmp_path / "bad.csv", text="sentence")
+    (tmp_path / "what.xlsx").write_bytes(b"")
+    with pytest.raises(data.DataError, match="cannot tell the format from '.xlsx'"):
+        data.read_labelled(tmp_path / "what.xlsx")
+
+
+def test_a_non_utf8_teaching_file_names_the_line(tmp_path):
+    (tmp_path / "x.jsonl").write_bytes(b'{"a": 1}\n{"a": "\xff"}\n')
+    with pytest.raises(data.DataError, match=r"x.jsonl:2: byte b'\\xff' is not UTF-8"):
+        data._read_jsonl(tmp_path / "x.jsonl")
+
+
+def test_split_is_stratified_seeded_and_covers_every_row():
+    rows = [{"text": f"t{i}", "label": i % 3} for i in range(90)]
+    parts = data.split(rows, validation=0.1, test=0.2, seed=1)
+    assert sorted(len(part) for part in parts.values()) == [9, 18, 63]
+    assert sorted(r["text"] for part in parts.values() for r in part) == sorted(r["text"] for r in rows)
+    for part in parts.values():
+        assert Counter(r["label"] for r in part) == Counter({0: len(part) // 3, 1: len(part) // 3, 2: len(part) // 3})
+    assert data.split(rows, seed=1) == data.split(rows, seed=1) != data.split(rows, seed=2)
+    with pytest.raises(data.DataError, match="leaves no training rows"):
+        data.split(rows, validation=0.5, test=0.5)
+    with pytest.raises(data.DataError, match="split got no rows"):
+        data.split([])
+
+
+def test_teaching_rows_with_empty_texts_or_boolean_labels_are_refused(tmp_path, monkeypatch):
+    shutil.copy(REPO_DATA / "catalogue.json", tmp_path)
+    monkeypatch.setattr(data, "project_data_dir", lambda: tmp_path)
+    for line, message in [
+        ('{"id": "en-1", "lang": "en", "text": "  ", "label": 1}', "field 'text' is empty"),
+        ('{"id": "en-1", "lang": "en", "text": "x", "label": true}', "'label' should be int"),
+    ]:
+        (tmp_path / "fin_headlines.jsonl").write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(data.DataError, match=message):
+            data.load("fin_headlines")
+
+
+def test_a_damaged_download_is_fetched_again_and_an_offline_download_names_the_url(no_public_data, monkeypatch):
+    source = no_public_data / "remote.csv"
+    source.write_text("text,label\nShares jump,1\n", encoding="utf-8")
+    spec = {"path": "fin_tweets/sent_valid.csv", "url": source.as_uri(), "md5": data.md5_of(source), "rows": 1}
+    entry = {"fin_tweets": {**data.catalogue()["fin_tweets"], "splits": {"validation": spec}}}
+    monkeypatch.setattr(data, "catalogue", lambda: entry)
+    cached = models.home_dir() / "data" / "fin_tweets" / "sent_valid.csv"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("damaged", encoding="utf-8")
+    with pytest.raises(data.DataError, match="damaged or another version. download=True replaces it"):
+        data.load("fin_tweets", "validation")
+    assert len(data.load("fin_tweets", "validation", download=True)) == 1 and data.md5_of(cached) == spec["md5"]
+    offline = {**spec, "url": "http://127.0.0.1:9/nothing.csv", "path": "fin_tweets/other.csv"}
+    monkeypatch.setattr(data, "catalogue", lambda: {"fin_tweets": {**entry["fin_tweets"], "splits": {
+        "validation": offline}}})  # fmt: skip
+    with pytest.raises(data.DataError, match=r"Could not download http://127.0.0.1:9/nothing.csv .* put the"):
+        data.load("fin_tweets", "validation", download=True)
