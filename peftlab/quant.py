@@ -103,7 +103,18 @@ def blockwise_dequantize(codes: torch.Tensor, absmax: torch.Tensor, levels: torc
 
 
 def pack_4bit(codes: torch.Tensor) -> torch.Tensor:
-    """Two 4-bit codes per byte, the first in the high nibble (bitsandbytes' order): ``code[2i] << 4 | code[2i+1]``."""
+    """Two 4-bit codes per byte, the first in the high nibble (bitsandbytes' order): ``code[2i] << 4 | code[2i+1]``.
+    Codes must be integers 0..15 in an even number (anything else would pack into another code silently)."""
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise TypeError(f"pack_4bit packs integer codes 0..15, got a {codes.dtype} tensor.")
+    if codes.numel() % 2:
+        raise ValueError(f"pack_4bit packs codes in pairs, got {codes.numel()} (an odd number): pad with a zero.")
+    if codes.numel() and (codes.min() < 0 or codes.max() > 15):
+        raise ValueError(
+            f"pack_4bit packs 4-bit codes 0..15, got values from {codes.min().item()} to {codes.max().item()}: "
+            "a code above 15 would overwrite its neighbour's nibble."
+        )
+    codes = codes.to(torch.uint8)
     return (codes[0::2] << 4) | codes[1::2]
 
 
@@ -157,6 +168,12 @@ def _check_quantisable(w: torch.Tensor, block_size: int) -> None:
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 or block_size % 2:
         raise ValueError(
             f"block_size must be an even whole number (two 4-bit codes share a byte), e.g. 64; got {block_size!r}."
+        )
+    if w.numel() and not torch.isfinite(w).all():
+        bad = (~torch.isfinite(w)).sum().item()
+        raise ValueError(
+            f"The tensor holds {bad} NaN or infinite value(s): one of them would make its whole block of {block_size} "
+            "NaN after quantisation. Find where they came from (a diverged run?) before quantising."
         )
     if w.numel() % block_size:
         numel = w.numel()

@@ -383,3 +383,14 @@ def test_disabled_gives_the_base_models_logits_exactly_and_switches_back():
         pass
     with pytest.raises(ValueError, match="has no adapters to switch off: apply a method first"), disabled(base):
         pass
+
+
+def test_merging_lora_on_a_tied_lm_head_is_refused_before_it_changes_the_embeddings():
+    model = lora.apply(models.tiny_model("llama"), LoRAConfig(r=2, target_modules=("lm_head",)))  # tied to embed
+    randomise(model)
+    embeddings = model.get_input_embeddings().weight.detach().clone()
+    with pytest.raises(RuntimeError, match=r"lm_head's weight is tied to model.embed_tokens.weight .* Untie first"):
+        lora.merge(model)
+    assert (
+        torch.equal(model.get_input_embeddings().weight, embeddings) and not lora.lora_layers(model)["lm_head"].merged
+    )

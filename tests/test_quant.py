@@ -153,3 +153,16 @@ def test_a_block_size_that_does_not_divide_the_tensor_is_refused_with_a_fix():
 def test_non_floating_input_is_refused(w):
     with pytest.raises(TypeError, match=r"NF4 quantises floating-point tensors \(float32, float16, bfloat16\)"):
         quant.quantize_nf4(w, block_size=16)
+
+
+def test_nan_weights_and_codes_past_15_are_refused():
+    weight = torch.randn(4, 64)
+    weight[1, 3] = float("nan")
+    with pytest.raises(ValueError, match="holds 1 NaN or infinite value"):
+        quant.quantize_nf4(weight)
+    with pytest.raises(ValueError, match="got values from 0 to 16: a code above 15 would overwrite"):
+        quant.pack_4bit(torch.tensor([0, 16], dtype=torch.uint8))
+    with pytest.raises(ValueError, match="an odd number"):
+        quant.pack_4bit(torch.tensor([1, 2, 3], dtype=torch.uint8))
+    with pytest.raises(TypeError, match="integer codes"):
+        quant.pack_4bit(torch.tensor([0.5, 1.0]))

@@ -263,6 +263,17 @@ def merge(model: nn.Module) -> nn.Module:
     found = _layers_of(model)
     if any(layer.merged for layer in found.values()):
         raise RuntimeError("The model's LoRA layers are already merged: merging twice adds ΔW twice. Unmerge first.")
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for name, layer in found.items():
+        shared = [n for n in names_of.get(id(layer.base_layer.weight), []) if not n.startswith(f"{name}.")]
+        if shared:
+            raise RuntimeError(
+                f"{name}'s weight is tied to {shared[0]} (tied embeddings): merging ΔW into it would change that "
+                "module too. Untie first (model.config.tie_word_embeddings = False and give the head its own copy: "
+                "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())), then apply LoRA."
+            )
     for layer in found.values():
         layer.merge()
     return model
