@@ -14,8 +14,8 @@ optimizer) says so in the method registry, and the loop asks it (:func:`peftlab.
 It is hard to break: a bad setting or a first batch the model cannot learn from is refused before the first step,
 with what to change; an empty loader is an error, never an endless wait; an interrupted run (Ctrl-C, an error in
 a hook) leaves no stale gradients and the model in eval mode, and hands back what it measured
-(:class:`TrainingInterrupted`); ``checkpoint_every`` writes a checkpoint that ``resume_from`` continues from, bit
-for bit the run that was not interrupted.
+(:class:`TrainingInterrupted` for Ctrl-C; an error carries it as ``error.history``); ``checkpoint_every`` writes
+a checkpoint that ``resume_from`` continues from, bit for bit the run that was not interrupted.
 """
 
 from __future__ import annotations
@@ -214,8 +214,8 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {key: value.to(device) for key, value in batch.items()}
 
 
-def check_first_batch(model: nn.Module, batch: dict, loss: torch.Tensor, uses_model_loss: bool) -> None:
-    """What a first step can get wrong, in peftlab's words, before the optimizer moves anything."""
+def check_first_batch(model: nn.Module, batch: dict, uses_model_loss: bool) -> None:
+    """What the first batch can get wrong, in peftlab's words, before the model sees it."""
     if uses_model_loss and "labels" not in batch:
         raise ValueError(f"The batch has no 'labels' (it has {', '.join(batch)}): the model's loss needs them. "
                          "Tokenise with peftlab.data (it adds labels), or give train a loss_fn.")  # fmt: skip
@@ -225,6 +225,10 @@ def check_first_batch(model: nn.Module, batch: dict, loss: torch.Tensor, uses_mo
     if is_classifier and num_labels and labels.max().item() >= num_labels:
         raise ValueError(f"A label is {labels.max().item()}, but the model has {num_labels} classes (0..."
                          f"{num_labels - 1}): load it with num_labels covering every label.")  # fmt: skip
+
+
+def check_first_loss(loss: torch.Tensor) -> None:
+    """What the first loss can say is wrong, before the optimizer moves anything."""
     if loss is None or not loss.requires_grad:
         raise ValueError("The loss has no gradient: nothing that trains reaches it. Is LoRA merged (unmerge it), "
                          "or is every parameter frozen?")  # fmt: skip
@@ -238,11 +242,11 @@ def model_loss(model: nn.Module, batch: dict) -> tuple[torch.Tensor, dict[str, f
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """A run stopped early (Ctrl-C, or an error in a hook or in evaluation): ``history`` holds the steps it made."""
+    """A run stopped by Ctrl-C (the notebook's stop button): ``history`` holds the steps it made. (A run stopped by an
+    error raises that error, with the partial History as its ``history`` attribute.)"""
 
-    def __init__(self, history: History, cause: BaseException):
-        super().__init__(f"training interrupted after {len(history.steps)} steps ({type(cause).__name__}); "
-                         "the steps made are in .history")  # fmt: skip
+    def __init__(self, history: History):
+        super().__init__(f"training interrupted after {len(history.steps)} steps; the steps made are in .history")
         self.history = history
 
 
@@ -302,7 +306,8 @@ def train(
     state to ``checkpoint_dir/checkpoint.pt`` every N steps; ``resume_from`` (that file or folder) continues the run
     where it was, exactly: give it the same model (freshly built, the method applied), loader and config. The
     loader is replayed from its start (a loader from ``data.make_loader`` shuffles the same way every time).
-    An interruption raises :class:`TrainingInterrupted`, which carries the partial History.
+    Ctrl-C raises :class:`TrainingInterrupted`, which carries the partial History; any other error is raised as
+    it is, with the partial History as ``error.history``.
     """
     from peftlab.methods import training_hooks  # the registry knows what each method needs from the loop
 
@@ -371,10 +376,12 @@ def train(
             for _ in range(config.grad_accum_steps):
                 batch = to_device(next(batches), device)
                 consumed += 1
+                if step == start:
+                    check_first_batch(model, batch, uses_model_loss)
                 with torch.autocast(device.type, dtype=dtype) if dtype else nullcontext():
                     loss, metrics = loss_fn(model, batch)
                 if step == start:
-                    check_first_batch(model, batch, loss, uses_model_loss)
+                    check_first_loss(loss)
                 loss = loss / config.grad_accum_steps
                 loss_sum += loss.item()
                 for name, value in metrics.items():
@@ -416,13 +423,14 @@ def train(
         if evaluate:
             run_evaluation(total)
     except (KeyboardInterrupt, Exception) as error:
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=True)  # nothing stale enters the next run
         model.eval()
         bar.close()
-        if isinstance(error, ValueError | TypeError) and not history.steps:
-            raise  # a setting or a batch refused before the first step: the error says what to change
         history.interrupted_at = len(history.steps)
-        raise TrainingInterrupted(history, error) from error
+        if isinstance(error, KeyboardInterrupt):
+            raise TrainingInterrupted(history) from error
+        error.history = history  # the steps made before the error, for whoever catches it
+        raise
     history.total_seconds = time.perf_counter() - started
     if device.type == "cuda":
         history.peak_memory_bytes = torch.cuda.max_memory_allocated(device)

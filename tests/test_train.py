@@ -225,6 +225,14 @@ def test_an_interrupted_run_keeps_its_history_and_leaves_no_stale_gradients():
     assert caught.value.history.steps == [1, 2] and caught.value.history.interrupted_at == 2
     assert not model.training and all(p.grad is None for p in model.parameters())
 
+    def fails(m, step):
+        if step == 2:
+            raise RuntimeError("a broken hook")
+
+    with pytest.raises(RuntimeError, match="a broken hook") as caught:
+        train.train(model, token_batches(model), train.TrainConfig(max_steps=10), after_step=fails, progress=False)
+    assert caught.value.history.steps == [1] and all(p.grad is None for p in model.parameters())
+
 
 def test_a_reused_optimizer_starts_its_second_run_from_its_own_rate():
     model = models.tiny_model("llama")
