@@ -19,7 +19,9 @@ def assert_trains_and_leaves_the_base_bit_identical(apply, arch: str, task: str,
     history = train(model, [batch], TrainConfig(max_steps=8, learning_rate=3e-2, schedule="constant"), progress=False)
     assert history.losses[-1] < history.losses[0] - 1e-3
     changed = {name for name, tensor in base.state_dict().items() if not torch.equal(tensor, before[name])}
-    assert changed == ({"classifier.weight", "classifier.bias"} if config.train_head else set())
+    trains_head = model.peftlab.config.train_head  # as decided at apply (None: a classifier's head trains)
+    assert trains_head == (config.train_head if config.train_head is not None else task == "classification")
+    assert changed == ({"classifier.weight", "classifier.bias"} if trains_head else set())
 
 
 def reference_break(known: compat.KnownBreak):

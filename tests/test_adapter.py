@@ -67,11 +67,12 @@ def test_trainable_count_is_the_closed_form(arch, placement, train_norms):
     d, blocks = model.config.hidden_size, model.config.num_hidden_layers
     adapters = blocks * len(placement) * adapter.adapter_parameter_count(d, 8)
     norms = blocks * NORMS_PER_BLOCK[arch](d) if train_norms else 0
-    assert count_parameters(model).trainable == adapters + norms
+    head = d * 3 + 3 if arch == "bert" else 0  # a classifier's new head trains by default, as with every method
+    assert count_parameters(model).trainable == adapters + norms + head
     assert count_parameters(model).total == total_before + adapters
     assert summary_by_kind(model).loc["adapter", "trainable"] == adapters  # the names contain "adapter"
-    assert all("adapter" in n or ("norm" in n.lower() or ".ln_" in n) for n, p in model.named_parameters()
-               if p.requires_grad)  # fmt: skip
+    assert all("adapter" in n or ("norm" in n.lower() or ".ln_" in n) or n.startswith("classifier.")
+               for n, p in model.named_parameters() if p.requires_grad)  # fmt: skip
 
 
 def test_a_subset_of_layers_gets_adapters_and_trains_only_its_norms():

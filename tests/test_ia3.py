@@ -53,8 +53,12 @@ def peft_twin(arch, config: ia3.IA3Config):
     targets, feedforward = family.ia3_targets, family.ia3_feedforward
     targets = config.target_modules if config.target_modules is not None else targets
     feedforward = config.feedforward_modules if config.feedforward_modules is not None else feedforward
-    peft_config = peft.IA3Config(target_modules=as_peft(targets), feedforward_modules=as_peft(feedforward),
-                                 fan_in_fan_out=arch == "gpt2")  # fmt: skip
+    peft_config = peft.IA3Config(
+        target_modules=as_peft(targets),
+        feedforward_modules=as_peft(feedforward),
+        fan_in_fan_out=arch == "gpt2",
+        task_type="SEQ_CLS" if arch == "bert" else None,
+    )
     return peft.get_peft_model(model, peft_config)
 
 
@@ -134,9 +138,10 @@ def test_trainable_count_is_the_sum_of_scaled_dimensions_and_peft_agrees(arch):
     config = ia3.IA3Config()
     model = ia3.apply(tiny(arch), config)
     expected = expected_count(arch, model.config)
-    assert count_parameters(model).trainable == expected
+    head = 32 * 3 + 3 if arch == "bert" else 0  # a classifier's new head trains (as peft's SEQ_CLS)
+    assert count_parameters(model).trainable == expected + head
     assert summary_by_kind(model).loc["ia3", "trainable"] == expected  # the names contain "ia3_"
-    assert peft_twin(arch, config).get_nb_trainable_parameters()[0] == expected
+    assert peft_twin(arch, config).get_nb_trainable_parameters()[0] == expected + head
 
 
 def test_peft_bert_default_also_scales_the_attention_output_input():
@@ -145,7 +150,7 @@ def test_peft_bert_default_also_scales_the_attention_output_input():
     config = ia3.IA3Config(target_modules=["key", "value", "output.dense"], feedforward_modules=["output.dense"])
     model = ia3.apply(tiny("bert"), config)
     d = model.config.hidden_size
-    assert count_parameters(model).trainable == expected_count("bert", model.config) + 2 * d
+    assert count_parameters(model).trainable == expected_count("bert", model.config) + 2 * d + (3 * d + 3)  # + head
     assert model.bert.encoder.layer[0].attention.output.dense.scale_input
     theirs = peft_twin("bert", config)
     assert theirs.get_nb_trainable_parameters()[0] == count_parameters(model).trainable

@@ -67,21 +67,22 @@ def test_saved_for_backward_estimate_is_within_2_percent_of_notebook_02_gpu_run(
     assert estimate.saved_bytes / (row["measured MiB"] * MiB) - 1 == pytest.approx(0, abs=0.02)
 
 
-#: The default configs that notebook 02's run used where its record says ``"lora": null``. If a default changes,
+#: The default configs that notebook 02's run used where its record says ``"lora": null``. (``None`` for a head
+#: means "a classifier's new head": SmolLM2 has none, so it is what the run had, no head trained.) If a default changes,
 #: the record no longer describes what a default-config model is: re-run notebook 02's full profile on a GPU (or
 #: record the config), then update this table.
 DEFAULTS_OF_THE_RUN = {
     "full": {},
     "freeze": {"trainable_layers": 2, "train_head": True},
     "lora": {"r": 8, "alpha": 16, "dropout": 0.0, "target_modules": ("q_proj", "v_proj"), "use_rslora": False,
-             "freeze_A": False, "init": "kaiming", "modules_to_save": (), "loraplus_lr_ratio": None},
-    "ia3": {"target_modules": None, "feedforward_modules": None},
+             "freeze_A": False, "init": "kaiming", "modules_to_save": None, "loraplus_lr_ratio": None},
+    "ia3": {"target_modules": None, "feedforward_modules": None, "modules_to_save": None},
     "adapter": {"bottleneck": 64, "placement": ("attention", "ffn"), "non_linearity": "relu", "init_scale": 0.001,
-                "train_norms": True, "layers": None},
+                "train_norms": True, "layers": None, "train_head": None},
     "prompt": {"num_virtual_tokens": 20, "init": "random", "init_text": None, "init_token_ids": None,
-               "train_head": False},
+               "train_head": None},
     "prefix": {"num_virtual_tokens": 20, "reparametrize": True, "hidden_size": 512, "embedding_dim": None,
-               "train_head": False},
+               "train_head": None},
 }  # fmt: skip
 
 

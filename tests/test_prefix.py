@@ -199,7 +199,7 @@ def test_bad_calls_say_what_to_change():
     with pytest.raises(ValueError, match=message):
         prefix.apply(distilbert, prefix.PrefixTuningConfig(N))
     with pytest.raises(ValueError, match=r"has no classification head .*: set train_head=False"):
-        prefix.apply(models.tiny_model("llama"), prefix.PTuningV2Config(N))
+        prefix.apply(models.tiny_model("llama"), prefix.PTuningV2Config(N, train_head=True))
     checkpointed = models.tiny_model("llama")
     memory.enable_checkpointing(checkpointed)
     with pytest.raises(ValueError, match="gradient checkpointing drops: turn it off"):

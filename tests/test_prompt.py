@@ -124,7 +124,11 @@ def test_the_trained_parameters_are_named_as_the_prompt_kind(config):
     model = prompt.apply(models.tiny_model("bert", task="classification"), config)
     table = parameter_table(model)
     trained = table[table["trainable"]]
-    assert set(trained["kind"]) == ({"prompt", "head"} if config.train_head else {"prompt"})
+    assert set(trained["kind"]) == {"prompt", "head"}  # a classifier's new head trains by default, or when asked
+    frozen_head = prompt.apply(models.tiny_model("bert", task="classification"), prompt.PromptTuningConfig(N,
+                               train_head=False))  # fmt: skip
+    table = parameter_table(frozen_head)
+    assert set(table.loc[table["trainable"], "kind"]) == {"prompt"}
     assert set(table.loc[table["kind"] == "prompt", "name"].str.split(".").str[0]) <= {"soft_prompt", "prompt_encoder"}
 
 

@@ -17,11 +17,13 @@ from peftlab.methods import (
     apply_method,
     disabled,
     ia3,
+    lora,
     prefix,
     prompt,
     record,
     set_active,
 )
+from peftlab.methods.layers import ModelWrapper
 
 #: Where a method cannot work, and the sentence that says so: Llama and Mistral have no biases for BitFit.
 CANNOT = {("bitfit", "llama"): "has no bias parameters", ("bitfit", "mistral"): "has no bias parameters"}
@@ -245,3 +247,30 @@ def test_one_method_per_model_and_one_prompt_per_model():
     wrapped_model = prompt.apply(models.tiny_model("llama"), prompt.PromptTuningConfig(4))
     with pytest.raises(TypeError, match="not to an already wrapped one"):
         prefix.apply(wrapped_model, prefix.PrefixTuningConfig(4))
+
+
+def head_of(model):
+    """The classification head, under a soft-prompt or prefix wrapper too."""
+    return prompt.classification_head(model.base_model if isinstance(model, ModelWrapper) else model)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_on_a_classifier_every_method_trains_the_new_head_by_default(method):
+    """One decision for every method, as peft's SEQ_CLS makes it: a randomly initialised head must learn."""
+    model = apply_method(tiny("bert"), method, KNOBS_FOR_TINY.get(method, lambda m: None)(tiny("bert")))
+    assert all(p.requires_grad for p in head_of(model).parameters())
+
+
+FROZEN_HEAD = {
+    "lora": (lora, lora.LoRAConfig(r=2, target_modules=("query",), modules_to_save=())),
+    "ia3": (ia3, ia3.IA3Config(modules_to_save=())),
+    "adapter": (adapter, adapter.AdapterConfig(bottleneck=4, train_head=False)),
+    "prompt": (prompt, prompt.PromptTuningConfig(4, train_head=False)),
+    "ptuning-v2": (prefix, prefix.PTuningV2Config(4, train_head=False)),
+}
+
+
+@pytest.mark.parametrize("method", FROZEN_HEAD)
+def test_the_head_stays_frozen_when_asked(method):
+    module, config = FROZEN_HEAD[method]
+    assert not any(p.requires_grad for p in head_of(module.apply(tiny("bert"), config)).parameters())

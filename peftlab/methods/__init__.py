@@ -108,7 +108,7 @@ REGISTRY: dict[str, Method] = {
         Method("prefix", "prefix tuning", "Li & Liang, 2021, arXiv:2101.00190", prefix.PrefixTuningConfig,
                lambda m: prefix.PrefixTuningConfig(), prefix.apply, {"num_virtual_tokens": "num_virtual_tokens"}),
         Method("ptuning-v2", "P-tuning v2", "Liu et al., 2022, arXiv:2110.07602", prefix.PTuningV2Config,
-               lambda m: prefix.PTuningV2Config(train_head=prompt.classification_head(m) is not None), prefix.apply,
+               lambda m: prefix.PTuningV2Config(), prefix.apply,
                {"num_virtual_tokens": "num_virtual_tokens"}),
         Method("adapter", "bottleneck adapters", "Houlsby et al., 2019, arXiv:1902.00751", adapter.AdapterConfig,
                lambda m: adapter.AdapterConfig(), adapter.apply, {"bottleneck": "bottleneck"}),

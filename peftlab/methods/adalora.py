@@ -68,6 +68,7 @@ here the choice is the boolean buffer ``rank_mask`` of each layer and the tensor
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -102,7 +103,7 @@ class AdaLoRAConfig:
     orth_reg_weight: float = 0.5
     alpha: float = 16
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
-    modules_to_save: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
         for field in ("total_steps", "init_r", "target_r", "delta_t"):
@@ -241,7 +242,8 @@ def apply(model: nn.Module, config: AdaLoRAConfig, adapter: str = DEFAULT_ADAPTE
         model.set_submodule(name, wrapped)
     for head in heads.values():
         head.requires_grad_(True)
-    layers.remember(model, "adalora", adapter, config)
+    saved = targets.resolve_modules_to_save(model, config.modules_to_save)
+    layers.remember(model, "adalora", adapter, dataclasses.replace(config, modules_to_save=saved))
     layers.set_active(model, adapter)
     return model
 

@@ -38,6 +38,7 @@ peft has no Houlsby adapter, so the parameter counts are checked against the clo
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -60,7 +61,8 @@ class AdapterConfig:
 
     ``placement``: ``"attention"``, ``"ffn"`` or both. ``layers``: the block indices that get adapters (``None``:
     every block). ``init_scale``: standard deviation of W_down (W_up starts at zero). ``train_norms``: also train
-    the normalisation layers of the adapted blocks.
+    the normalisation layers of the adapted blocks. ``train_head``: train a classifier's new head too; ``None`` (the
+    default) does where there is one, as every method does.
     """
 
     bottleneck: int = 64
@@ -69,6 +71,7 @@ class AdapterConfig:
     init_scale: float = 1e-3
     train_norms: bool = True
     layers: tuple[int, ...] | None = None
+    train_head: bool | None = None
 
     def __post_init__(self):
         placement = (self.placement,) if isinstance(self.placement, str) else tuple(self.placement)
@@ -174,7 +177,16 @@ def apply(model: nn.Module, config: AdapterConfig, adapter: str = DEFAULT_ADAPTE
                 f"bottleneck, choose 1..{d}."
             )
 
+    head = targets.task_head(model)
+    if config.train_head and head is None:
+        raise ValueError(f"train_head=True, but {type(model).__name__} has no classification head: set train_head="
+                         "False (or leave it None).")  # fmt: skip
+    config = dataclasses.replace(
+        config, train_head=head is not None if config.train_head is None else config.train_head
+    )
     model.requires_grad_(False)
+    if config.train_head:
+        getattr(model, head).requires_grad_(True)
     if config.train_norms:
         modules = dict(model.named_modules())
         for name, param in model.named_parameters():

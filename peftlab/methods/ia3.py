@@ -38,6 +38,7 @@ targets; the others get output scaling. ``None`` takes the family's default (``p
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -67,15 +68,19 @@ class IA3Config:
 
     ``target_modules``, ``feedforward_modules``: module names (a tuple or list), or one regular expression (a
     str) matched against the full module name; ``None``: the family's default. ``()`` as ``feedforward_modules``
-    scales every target's output.
+    scales every target's output. ``modules_to_save`` train in full (peft's field); ``None``: a classifier's new
+    head, as every method does.
     """
 
     target_modules: Targets | None = None
     feedforward_modules: Targets | None = None
+    modules_to_save: tuple[str, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "target_modules", _as_targets(self.target_modules, "target_modules"))
         object.__setattr__(self, "feedforward_modules", _as_targets(self.feedforward_modules, "feedforward_modules"))
+        if self.modules_to_save is not None:
+            object.__setattr__(self, "modules_to_save", targets.check_names(self.modules_to_save))
         if self.target_modules == ():
             raise ValueError("target_modules is empty: name at least one module (or None for the family's default).")
         if isinstance(self.target_modules, tuple) and isinstance(self.feedforward_modules, tuple):
@@ -223,6 +228,10 @@ def apply(model: nn.Module, config: IA3Config, adapter: str = DEFAULT_ADAPTER) -
         raise TypeError(f"ia3.apply takes an IA3Config, got {type(config).__name__}.")
     layers.check_can_add(model, "ia3", adapter)
     chosen = resolve_targets(model, config)
+    saved = targets.resolve_modules_to_save(model, config.modules_to_save)
+    heads = targets.find_modules_to_save(model, saved)
+    if clash := [name for name in chosen if targets.within(name, saved)]:
+        raise ValueError(f"{clash[0]} is both an (IA)³ target and (in) one of the modules_to_save: choose one.")
     model.requires_grad_(False)
     for name, scale_input in chosen.items():
         module = model.get_submodule(name)
@@ -230,7 +239,9 @@ def apply(model: nn.Module, config: IA3Config, adapter: str = DEFAULT_ADAPTER) -
         layer.add(adapter)
         if layer is not module:
             model.set_submodule(name, layer)
-    layers.remember(model, "ia3", adapter, config)
+    for head in heads.values():
+        head.requires_grad_(True)
+    layers.remember(model, "ia3", adapter, dataclasses.replace(config, modules_to_save=saved))
     layers.set_active(model, adapter)
     return model
 

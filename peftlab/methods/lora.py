@@ -29,6 +29,7 @@ name without peft's ``base_model.model.`` prefix (:func:`peft_key`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -68,7 +69,8 @@ class LoRAConfig:
 
     ``target_modules``: module-name suffixes, one regular expression, or ``"all-linear"``, matched as peft does
     (:mod:`peftlab.methods.targets`). ``modules_to_save`` names modules that train in full and are saved with the
-    adapter (peft's field of the same name), e.g. ``("classifier",)`` for the new head of a classification model.
+    adapter (peft's field of the same name); ``None`` (the default) is the new head of a classification model, if
+    any (``classifier`` / ``score``, as peft's ``SEQ_CLS``), ``()`` trains no module in full.
     ``freeze_A`` is LoRA-FA. ``loraplus_lr_ratio`` is LoRA+: the training loop gives B this many times A's learning
     rate (:func:`loraplus_optimizer`); it is a way of training, not saved with the adapter.
     """
@@ -80,7 +82,7 @@ class LoRAConfig:
     use_rslora: bool = False
     freeze_A: bool = False  # LoRA-FA: A stays at its random init, only B trains
     init: str = "kaiming"  # A ~ Kaiming-uniform (a = √5); "gaussian": A ~ N(0, 1/r²), as peft's init_lora_weights
-    modules_to_save: tuple[str, ...] = ()
+    modules_to_save: tuple[str, ...] | None = None
     loraplus_lr_ratio: float | None = None
 
     def __post_init__(self):
@@ -95,7 +97,8 @@ class LoRAConfig:
         if self.loraplus_lr_ratio is not None and not self.loraplus_lr_ratio > 0:
             raise ValueError(f"loraplus_lr_ratio must be positive (LoRA+ uses about 16), got {self.loraplus_lr_ratio}.")
         object.__setattr__(self, "target_modules", targets.normalise(self.target_modules))
-        object.__setattr__(self, "modules_to_save", targets.check_names(self.modules_to_save))
+        if self.modules_to_save is not None:
+            object.__setattr__(self, "modules_to_save", targets.check_names(self.modules_to_save))
 
     @property
     def scaling(self) -> float:
@@ -223,16 +226,22 @@ def _layers_of(model: nn.Module) -> dict[str, LoRALinear]:
 # ----------------------------------------------------------------------------------------------------------------
 # Apply, merge
 # ----------------------------------------------------------------------------------------------------------------
+def resolved(model: nn.Module, config):
+    """``config`` with ``modules_to_save`` decided for this model (``None``: a classifier's new head)."""
+    return dataclasses.replace(config, modules_to_save=targets.resolve_modules_to_save(model, config.modules_to_save))
+
+
 def find_targets(model: nn.Module, config: LoRAConfig, adapter: str, method: str = "lora") -> tuple[dict, dict]:
     """The layers LoRA wraps (or adds ``adapter`` to) and the modules to save, by full name. Every error is raised
     here, before the model changes: names that match nothing, ranks too large, a target inside a module to save,
     another method's layers, an adapter name already taken."""
     layers.check_can_add(model, method, adapter)
+    saved = targets.resolve_modules_to_save(model, config.modules_to_save)
     found = targets.find(model, config.target_modules, "LoRA", layer_class=LoRALinear)
-    heads = targets.find_modules_to_save(model, config.modules_to_save)
+    heads = targets.find_modules_to_save(model, saved)
     for name, module in found.items():
         check_rank(name, module, config.r)
-        if targets.within(name, config.modules_to_save):
+        if targets.within(name, saved):
             raise ValueError(f"{name} is both a LoRA target and (in) one of the modules_to_save: choose one.")
     return found, heads
 
@@ -244,6 +253,7 @@ def apply(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER) 
     if not isinstance(config, LoRAConfig):
         raise TypeError(f"lora.apply takes a LoRAConfig, got {type(config).__name__}.")
     found, heads = find_targets(model, config, adapter)
+    config = resolved(model, config)
     model.requires_grad_(False)
     for name, module in found.items():
         layer = module if isinstance(module, LoRALinear) else LoRALinear(module, name=name)

@@ -29,6 +29,7 @@ left out of the mean. peft has no LoRA-drop, so the tests check the definitions 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -214,7 +215,7 @@ def apply(model: nn.Module, config: LoRADropConfig, adapter: str = DEFAULT_ADAPT
             wrapped[name].lora_B[adapter] = owner.lora_B[adapter]
     for head in heads.values():
         head.requires_grad_(True)
-    layers.remember(model, "lora-drop", adapter, config)
+    layers.remember(model, "lora-drop", adapter, dataclasses.replace(config, lora=lora.resolved(model, config.lora)))
     layers.set_active(model, adapter)
     return model
 

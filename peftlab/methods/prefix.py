@@ -40,7 +40,7 @@ from transformers import DynamicCache, PreTrainedModel
 from peftlab import compat
 from peftlab.methods import layers
 from peftlab.methods.layers import DEFAULT_ADAPTER, ModelWrapper
-from peftlab.methods.prompt import check_base, check_positions, classification_head, freeze
+from peftlab.methods.prompt import check_base, check_positions, freeze, resolve_train_head
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,14 +57,15 @@ class PrefixTuningConfig:
 
     ``hidden_size`` is the MLP's width ``h`` (Li & Liang: 512); ``embedding_dim`` the width ``e`` of its input rows
     (``None``: the model's hidden size ``d``, as Li & Liang; peft 0.21 uses ``d_kv``, which differs under grouped-query
-    attention). Both are ignored without ``reparametrize``. ``train_head`` also trains a classifier's head.
+    attention). Both are ignored without ``reparametrize``. ``train_head``: train a classifier's head too; ``None``
+    (the default) does where there is one.
     """
 
     num_virtual_tokens: int = 20
     reparametrize: bool = True
     hidden_size: int = 512
     embedding_dim: int | None = None
-    train_head: bool = False
+    train_head: bool | None = None
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
@@ -81,7 +82,7 @@ class PTuningV2Config:
     """P-tuning v2: deep prompts (a prefix in every layer, no MLP) and the classification head trains too."""
 
     num_virtual_tokens: int = 20
-    train_head: bool = True
+    train_head: bool | None = None
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
@@ -262,8 +263,7 @@ def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config,
     compat.cache_keyword(model)  # raises, before anything changes, for a model that takes no KV cache
     if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
         raise ValueError("The prefix travels in the KV cache, which gradient checkpointing drops: turn it off first.")
-    if config.train_head and classification_head(model) is None:
-        freeze(model, train_head=True)  # raises, saying what to change
+    config = resolve_train_head(model, config)  # raises, saying what to change, for a head that is not there
     reparametrize = isinstance(config, PrefixTuningConfig) and config.reparametrize
     with torch.device(model.get_input_embeddings().weight.device):
         encoder = PrefixEncoder(

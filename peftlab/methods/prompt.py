@@ -26,7 +26,7 @@ What the wrapper does, as peft 0.21 does: the attention mask gets ``n`` ones in 
 tokens are ``logits[:, n:]``); BERT's ``token_type_ids`` get ``n`` zeros. Positions are numbered from the first
 virtual token, so a model with learned absolute positions (BERT, GPT-2) has ``n`` fewer left for the text, and BERT's
 pooler (which reads position 0, normally ``[CLS]``) reads the first virtual token. A fresh classification head
-stays frozen unless ``train_head=True`` (peft always trains it for ``SEQ_CLS``).
+trains (``train_head=None``, the default: the one decision every method makes, as peft's ``SEQ_CLS``).
 
 A wrapped causal LM generates as its base does (:meth:`VirtualTokenModel.generate`, the same arguments), with the
 soft prompt in front of the input; ``with peftlab.methods.disabled(model)`` runs the base alone.
@@ -34,6 +34,7 @@ soft prompt in front of the input; ``with peftlab.methods.disabled(model)`` runs
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -42,13 +43,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 
 from peftlab.families import family_of
-from peftlab.methods import layers
+from peftlab.methods import layers, targets
 from peftlab.methods.layers import DEFAULT_ADAPTER, ModelWrapper
 
 INITS = ("random", "vocab", "text")
 ENCODERS = ("mlp", "lstm")
-#: Names of the task heads of sequence classifiers (BERT: ``classifier``; Llama & co.: ``score``), as in peft.
-HEAD_NAMES = ("classifier", "score")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,14 +65,15 @@ class PromptTuningConfig:
     ``init``: ``"random"`` (uniform in [-0.5, 0.5]), ``"vocab"`` (embeddings of random vocabulary tokens) or
     ``"text"`` (the embeddings of ``init_token_ids``, the tokens of ``init_text``: build it with
     :meth:`from_text`; a text of more tokens than the prompt is cut to its first ``n``, a shorter one repeated, as
-    peft does). ``train_head`` also trains a classifier's head (``classifier`` / ``score``).
+    peft does). ``train_head``: train a classifier's head (``classifier`` / ``score``) too; ``None`` (the default)
+    does where there is one, as every method does.
     """
 
     num_virtual_tokens: int = 20
     init: str = "random"
     init_text: str | None = None
     init_token_ids: tuple[int, ...] | None = None
-    train_head: bool = False
+    train_head: bool | None = None
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
@@ -113,7 +113,7 @@ class PTuningConfig:
     encoder: str = "mlp"
     encoder_hidden_size: int | None = None
     lstm_layers: int = 2
-    train_head: bool = False
+    train_head: bool | None = None
 
     def __post_init__(self):
         _check_virtual_tokens(self.num_virtual_tokens)
@@ -130,10 +130,20 @@ class PTuningConfig:
 # ----------------------------------------------------------------------------------------------------------------
 def classification_head(model: nn.Module) -> nn.Module | None:
     """The task head of a sequence classifier (a child named ``classifier`` or ``score``), else ``None``."""
-    for name, child in model.named_children():
-        if name in HEAD_NAMES:
-            return child
-    return None
+    name = targets.task_head(model)
+    return getattr(model, name) if name else None
+
+
+def resolve_train_head(model: nn.Module, config):
+    """``config`` with ``train_head`` decided (``None``: train a classifier's new head, as every method does)."""
+    if config.train_head is None:
+        return dataclasses.replace(config, train_head=classification_head(model) is not None)
+    if config.train_head and classification_head(model) is None:
+        raise ValueError(
+            f"train_head=True, but {type(model).__name__} has no classification head (a child named "
+            f"{' or '.join(map(repr, targets.TASK_HEADS))}): set train_head=False (or leave it None)."
+        )
+    return config
 
 
 def check_base(model: nn.Module, method: str) -> None:
@@ -156,11 +166,6 @@ def check_base(model: nn.Module, method: str) -> None:
 def freeze(model: nn.Module, train_head: bool = False) -> None:
     """``requires_grad = False`` on every parameter of the base, then ``True`` on its classification head if asked."""
     head = classification_head(model) if train_head else None
-    if train_head and head is None:
-        raise ValueError(
-            f"train_head=True, but {type(model).__name__} has no classification head (a child named "
-            f"{' or '.join(map(repr, HEAD_NAMES))}): set train_head=False."
-        )
     model.requires_grad_(False)
     if head is not None:
         head.requires_grad_(True)
@@ -327,8 +332,7 @@ def apply(model: PreTrainedModel, config: PromptTuningConfig | PTuningConfig,
         raise TypeError(f"prompt.apply takes PromptTuningConfig or PTuningConfig, got {type(config).__name__}.")
     layers.check_adapter_name(adapter)
     check_base(model, "prompt.apply")
-    if config.train_head and classification_head(model) is None:
-        freeze(model, train_head=True)  # raises, saying what to change
+    config = resolve_train_head(model, config)  # raises, saying what to change, for a head that is not there
     word_embeddings = model.get_input_embeddings()
     if isinstance(config, PromptTuningConfig):
         soft_prompt = initial_prompt(word_embeddings, config)

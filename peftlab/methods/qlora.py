@@ -17,6 +17,7 @@ weight (W + ΔW is not an NF4 tensor): load it into the full-precision model and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -163,7 +164,7 @@ def apply(model: nn.Module, config: QLoRAConfig, adapter: str = DEFAULT_ADAPTER)
             model.set_submodule(name, layer)
     for head in heads.values():
         head.requires_grad_(True)
-    layers.remember(model, "qlora", adapter, config)
+    layers.remember(model, "qlora", adapter, dataclasses.replace(config, lora=lora.resolved(model, config.lora)))
     layers.set_active(model, adapter)
     return model
 

@@ -21,8 +21,10 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 ALL_LINEAR = "all-linear"
+#: The new task head of a sequence classifier (BERT: ``classifier``; Llama & co.: ``score``), as peft names them.
+TASK_HEADS = ("classifier", "score")
 #: Output heads that ``"all-linear"`` leaves alone (as peft does): the LM head and the classification heads.
-HEAD_NAMES = ("lm_head", "classifier", "score")
+HEAD_NAMES = ("lm_head", *TASK_HEADS)
 LINEAR = (nn.Linear, Conv1D)
 Targets = str | tuple[str, ...]
 
@@ -149,6 +151,20 @@ def find_modules_to_save(model: nn.Module, names: tuple[str, ...]) -> dict[str, 
             hint = f" Close names: {', '.join(sorted(set(close)))}." if close else ""
             raise ValueError(f"modules_to_save: no module of {type(model).__name__} is named {wanted!r}.{hint}")
     return found
+
+
+def task_head(model: nn.Module) -> str | None:
+    """The name of a sequence classifier's new task head (a child named ``classifier`` or ``score``), else None."""
+    return next((name for name, _ in model.named_children() if name in TASK_HEADS), None)
+
+
+def resolve_modules_to_save(model: nn.Module, names: tuple[str, ...] | None) -> tuple[str, ...]:
+    """``names``, or (``None``) the one decision every method makes by default: a classifier's new, randomly
+    initialised head trains in full (as peft's ``SEQ_CLS`` does), a model without one trains no module in full."""
+    if names is not None:
+        return names
+    head = task_head(model)
+    return (head,) if head else ()
 
 
 def check_names(names, field: str = "modules_to_save") -> tuple[str, ...]:
