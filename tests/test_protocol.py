@@ -26,7 +26,9 @@ from peftlab.methods import (
 from peftlab.methods.layers import ModelWrapper
 
 #: Where a method cannot work, and the sentence that says so: Llama and Mistral have no biases for BitFit.
-CANNOT = {("bitfit", "llama"): "has no bias parameters", ("bitfit", "mistral"): "has no bias parameters"}
+CANNOT = {("bitfit", "llama"): "has no bias parameters", ("bitfit", "mistral"): "has no bias parameters",
+          **{("linear-probe", arch): "reads a BERT sequence classifier's features" for arch in
+             ("llama", "qwen2", "mistral", "gpt2")}}  # fmt: skip
 GENERATING = ("llama", "gpt2")
 #: Configs that fit the tiny models (hidden size 32): an adapter's bottleneck must be narrower than that.
 KNOBS_FOR_TINY = {"adapter": lambda model: adapter.AdapterConfig(bottleneck=4)}
@@ -79,7 +81,7 @@ def test_every_method_applies_by_name_records_itself_trains_and_switches_off(met
     randomise_trainable(model)
     adapted = logits(model, batch)
     assert torch.isfinite(adapted).all() and (adapted - expected).abs().max() > 1e-6
-    if method in ("full", "freeze", "bitfit"):  # they train the weights themselves: nothing to switch off
+    if method in ("full", "freeze", "bitfit", "linear-probe"):  # they train the weights themselves: nothing to switch
         with pytest.raises(ValueError, match="trains the model's own weights"), disabled(model):
             pass
     else:

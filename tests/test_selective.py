@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from peftlab import models
 from peftlab.methods import selective
@@ -52,7 +53,7 @@ def test_too_many_layers_says_how_many_there_are():
 def test_negative_layers_and_wrong_config_are_refused():
     with pytest.raises(ValueError, match="0 or more"):
         selective.FreezeConfig(trainable_layers=-1)
-    with pytest.raises(TypeError, match="FullConfig, FreezeConfig or BitFitConfig"):
+    with pytest.raises(TypeError, match="takes one of FullConfig, FreezeConfig, BitFitConfig, LinearProbeConfig"):
         selective.apply(models.tiny_model("gpt2"), object())
 
 
@@ -75,3 +76,20 @@ def test_bitfit_on_minilm_counts_the_published_26112_biases():
 def test_bitfit_refuses_a_model_without_biases():
     with pytest.raises(ValueError, match="no bias parameters, so BitFit has nothing to train"):
         selective.apply(models.meta_model("smollm2-135m"), selective.BitFitConfig())
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_a_linear_probe_trains_the_classifier_alone_on_the_pooled_hidden_state(pooling):
+    model = models.tiny_model("bert", task="classification")
+    selective.apply(model, selective.LinearProbeConfig(pooling))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+    ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
+    hidden = model.bert(input_ids=ids, attention_mask=mask).last_hidden_state
+    features = hidden[:, 0] if pooling == "cls" else (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    expected = model.classifier(features)
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).logits, expected)
+    with pytest.raises(ValueError, match="apply it to a fresh model"):
+        selective.apply(model, selective.FreezeConfig(0))
+    with pytest.raises(ValueError, match="Unknown pooling 'max'"):
+        selective.LinearProbeConfig("max")

@@ -99,6 +99,8 @@ REGISTRY: dict[str, Method] = {
         Method("freeze", "Freeze (top-k blocks)", "Yosinski et al., 2014", selective.FreezeConfig,
                lambda m: selective.FreezeConfig(), selective.apply, {"trainable_layers": "trainable_layers"},
                freezes_base=False),
+        Method("linear-probe", "linear probe", "Alain & Bengio, 2016, arXiv:1610.01644", selective.LinearProbeConfig,
+               lambda m: selective.LinearProbeConfig(), selective.apply, freezes_base=True),
         Method("bitfit", "BitFit", "Ben Zaken et al., 2022, arXiv:2106.10199", selective.BitFitConfig,
                lambda m: selective.BitFitConfig(), selective.apply, freezes_base=False),
         Method("prompt", "prompt tuning", "Lester et al., 2021, arXiv:2104.08691", prompt.PromptTuningConfig,

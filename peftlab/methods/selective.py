@@ -6,8 +6,11 @@ Fine-tuning learns an update ΔW for the pretrained weights W, W' = W + ΔW. The
 * **Full fine-tuning** (全量微调): every weight trains; ΔW is dense.
 * **Freeze** (冻结微调; "freeze tuning" in LLaMA-Factory): only the top ``k`` transformer blocks and the task head
   train. The lower blocks, which hold the most general features, stay as pretrained (Yosinski et al., 2014, "How
-  transferable are features in deep neural networks?"). ``k = 0`` trains the head alone: a linear probe of the
-  frozen model, the baseline every method should beat.
+  transferable are features in deep neural networks?"). ``k = 0`` trains the head alone; on BERT that "head" is
+  the pooler (a d × d dense layer with tanh) and the classifier, so it is a small MLP on [CLS], not a linear probe.
+* **Linear probe** (线性探测): a linear classifier on frozen features and nothing else: the classifier reads
+  [CLS]'s last hidden state (``pooling="cls"``) or the mean over the real tokens (``"mean"``, for encoders trained
+  with mean pooling, as sentence-transformers' MiniLM is), the pooler bypassed. The baseline every method must beat.
 * **BitFit** (Ben Zaken et al., 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
   Language-models"): only the bias terms b of y = Wx + b train (and the task head). In BERT-base that is about
   0.1 % of the parameters. Models without biases (Llama, SmolLM2, Qwen's FFN) leave BitFit nothing to train.
@@ -23,7 +26,8 @@ from peftlab.methods import layers
 from peftlab.params import kind_of, layer_of, parameter_table
 
 #: The methods of this module, by their registry names.
-SELECTIVE = ("full", "freeze", "bitfit")
+SELECTIVE = ("full", "freeze", "bitfit", "linear-probe")
+POOLINGS = ("cls", "mean")
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,52 @@ class BitFitConfig:
     train_head: bool = True
 
 
+@dataclass(frozen=True)
+class LinearProbeConfig:
+    """A linear classifier on the frozen encoder's features: [CLS]'s hidden state or the mean over the real tokens."""
+
+    pooling: str = "cls"
+
+    def __post_init__(self):
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"Unknown pooling {self.pooling!r}; use one of {', '.join(POOLINGS)}.")
+
+
+class TokenPooling(nn.Module):
+    """Stands in for BERT's pooler (dense + tanh over [CLS]) in a linear probe: the [CLS] hidden state itself, or
+    the mean of the hidden states over the real tokens (the attention mask is read from the encoder's call)."""
+
+    def __init__(self, pooling: str):
+        super().__init__()
+        self.pooling = pooling
+        self.attention_mask = None
+
+    def forward(self, hidden_states):
+        if self.pooling == "cls" or self.attention_mask is None:
+            return hidden_states[:, 0] if self.pooling == "cls" else hidden_states.mean(dim=1)
+        mask = self.attention_mask[:, : hidden_states.shape[1]].unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+
+
+def _probe(model: nn.Module, config: LinearProbeConfig) -> None:
+    """Replace the pooler by :class:`TokenPooling` and train the classifier alone (checked before any change)."""
+    encoder = getattr(model, "bert", None)
+    if encoder is None or getattr(encoder, "pooler", None) is None or not hasattr(model, "classifier"):
+        raise ValueError(
+            f"A linear probe here reads a BERT sequence classifier's features; {type(model).__name__} is not one: "
+            "use FreezeConfig(trainable_layers=0) to train only the head of another model."
+        )
+    pooling = TokenPooling(config.pooling)
+
+    def remember_mask(module, args, kwargs):
+        pooling.attention_mask = kwargs.get("attention_mask")
+
+    encoder.register_forward_pre_hook(remember_mask, with_kwargs=True)
+    encoder.pooler = pooling
+    model.requires_grad_(False)
+    model.classifier.requires_grad_(True)
+
+
 def num_blocks(model: nn.Module) -> int:
     """Number of transformer blocks, read from the layer indices of the parameter names."""
     layers = parameter_table(model)["layer"].dropna()
@@ -66,12 +116,19 @@ def _is_head(name: str, modules: dict[str, nn.Module], model: nn.Module) -> bool
 def apply(model: nn.Module, config: FullConfig | FreezeConfig | BitFitConfig, adapter: str = "default") -> nn.Module:
     """Set ``requires_grad`` on the parameters the method trains, and clear it on all the others. Every check runs
     before the model changes; applying another selective method replaces the choice (nothing was added)."""
-    names = {FullConfig: "full", FreezeConfig: "freeze", BitFitConfig: "bitfit"}
+    names = {FullConfig: "full", FreezeConfig: "freeze", BitFitConfig: "bitfit", LinearProbeConfig: "linear-probe"}
     if type(config) not in names:
-        raise TypeError(f"selective.apply takes FullConfig, FreezeConfig or BitFitConfig, got {type(config).__name__}.")
+        raise TypeError(f"selective.apply takes one of {', '.join(c.__name__ for c in names)}, got "
+                        f"{type(config).__name__}.")  # fmt: skip
     applied = layers.record(model)
     if applied is not None and applied.method not in SELECTIVE:
         raise ValueError(f"This model carries {applied.method}: apply one method per model (load a fresh base model).")
+    if applied is not None and "linear-probe" in (applied.method, names[type(config)]):
+        raise ValueError("A linear probe replaces the pooler: apply it to a fresh model, and nothing after it.")
+    if isinstance(config, LinearProbeConfig):
+        _probe(model, config)
+        object.__setattr__(model, "peftlab", layers.Applied("linear-probe", {adapter: config}, [adapter]))
+        return model
     modules = dict(model.named_modules())
     if isinstance(config, BitFitConfig) and not any(name.endswith("bias") for name, _ in model.named_parameters()):
         raise ValueError(
