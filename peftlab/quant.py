@@ -221,6 +221,30 @@ def dequantize_nf4(q: NF4Tensor) -> torch.Tensor:
     return values.reshape(q.shape).to(q.dtype)
 
 
+def bitsandbytes_state(q: NF4Tensor):
+    """The same NF4 tensor in bitsandbytes' form, ``(packed codes, QuantState)``: the codes, the nibble order and
+    the constants are identical (tests/test_quant.py), so bitsandbytes' fused kernels can read peftlab's tensors."""
+    import bitsandbytes.functional as bnb
+
+    nested = None
+    if q.double_quant:
+        nested = bnb.QuantState(absmax=q.absmax_scales, code=dynamic_levels().to(q.device),
+                                blocksize=ABSMAX_BLOCK_SIZE, dtype=torch.float32)  # fmt: skip
+    state = bnb.QuantState(absmax=q.absmax, shape=q.shape, code=nf4_levels().to(q.device), blocksize=q.block_size,
+                           quant_type="nf4", dtype=q.dtype, offset=q.absmax_mean, state2=nested)  # fmt: skip
+    return q.packed.view(-1, 1), state
+
+
+def dequantize_nf4_kernel(q: NF4Tensor, state=None) -> torch.Tensor:
+    """:func:`dequantize_nf4` by bitsandbytes' fused CUDA kernel (one launch instead of a dozen elementwise ops);
+    ``state`` is :func:`bitsandbytes_state`'s, built once. The from-scratch function stays the definition: the
+    tests hold the two equal."""
+    import bitsandbytes.functional as bnb
+
+    packed, state = state if state is not None else bitsandbytes_state(q)
+    return bnb.dequantize_4bit(packed, state)
+
+
 def bytes_per_parameter(block_size: int = 64, double_quant: bool = False) -> float:
     """Bytes of storage per parameter: 4 bits of code, plus the block's constant shared by ``block_size`` values.
 

@@ -2,12 +2,14 @@
 stays close to the full-precision model, stores about 1/8 of the fp32 bytes of the layers it quantises, and trains
 A and B only, leaving the 4-bit codes as they were."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from peftlab import memory, models, train
+from peftlab import memory, models, quant, train
 from peftlab.methods import lora, qlora
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.qlora import QLoRAConfig
@@ -173,3 +175,28 @@ def test_a_meta_model_and_a_lora_config_are_refused():
         qlora.apply(models.meta_model("smollm2-135m"), CONFIG)
     with pytest.raises(TypeError, match=r"qlora\.apply takes a QLoRAConfig, got LoRAConfig"):
         qlora.apply(models.tiny_model("llama"), CONFIG.lora)
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bitsandbytes_kernel_dequantises_peftlabs_own_tensors_to_the_same_weights(double_quant):
+    """The trained path may dequantise with bitsandbytes' fused kernel (kernel="bitsandbytes", or "auto" on CUDA):
+    it reads peftlab's very tensors, and gives the from-scratch weights."""
+    weight = 0.02 * torch.randn(64, 128, generator=torch.Generator().manual_seed(0))
+    q = quant.quantize_nf4(weight, double_quant=double_quant)
+    torch.testing.assert_close(quant.dequantize_nf4_kernel(q), quant.dequantize_nf4(q), atol=1e-6, rtol=0)
+    config = qlora.QLoRAConfig(lora=LoRAConfig(r=4, target_modules=("q_proj", "v_proj")), double_quant=double_quant)
+    ids = torch.randint(3, 128, (2, 8), generator=torch.Generator().manual_seed(1))
+    # 64 wide: bitsandbytes' CPU kernel misreads rows shorter than a block of 64 (its CUDA kernel does not), which
+    # is why "auto" uses it on CUDA only
+    wide = models.tiny_config("llama")
+    wide.hidden_size, wide.intermediate_size = 64, 128
+    logits = {}
+    for kernel in ("peftlab", "bitsandbytes"):
+        torch.manual_seed(0)
+        model = qlora.apply(AutoModelForCausalLM.from_config(wide), dataclasses.replace(config, kernel=kernel))
+        logits[kernel] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits["bitsandbytes"], logits["peftlab"], atol=1e-5, rtol=0)
+    auto = qlora.apply(models.tiny_model("llama"), config)
+    assert not next(iter(qlora.quantized_layers(auto).values()))._uses_kernel()  # on a CPU, auto is from scratch
+    with pytest.raises(ValueError, match="Unknown kernel 'triton'"):
+        qlora.QLoRAConfig(kernel="triton")

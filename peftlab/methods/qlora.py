@@ -29,7 +29,9 @@ from peftlab.methods import layers, lora
 from peftlab.methods.layers import DEFAULT_ADAPTER
 from peftlab.methods.lora import LoRAConfig, LoRALinear
 from peftlab.methods.targets import ALL_LINEAR
-from peftlab.quant import NF4Tensor, dequantize_nf4, quantize_nf4
+from peftlab.quant import NF4Tensor, bitsandbytes_state, dequantize_nf4, dequantize_nf4_kernel, quantize_nf4
+
+KERNELS = ("auto", "peftlab", "bitsandbytes")
 
 #: QLoRA's LoRA: every linear layer of the blocks (as in Dettmers et al., 2023), with LoRAConfig's r = 8, α = 16.
 DEFAULT_LORA = LoRAConfig(target_modules=ALL_LINEAR)
@@ -39,14 +41,22 @@ DEFAULT_LORA = LoRAConfig(target_modules=ALL_LINEAR)
 class QLoRAConfig:
     """LoRA's settings (``lora``) plus how the targeted layers are quantised: NF4 in blocks of ``block_size`` values,
     double quantisation of the block constants, and the dtype the forward pass computes in (bf16 in the paper on a
-    GPU; fp32 here by default, as on a CPU)."""
+    GPU; fp32 here by default, as on a CPU). ``kernel`` chooses who dequantises in training: peftlab's NF4 from
+    scratch, or bitsandbytes' fused kernel over the very same tensors ("auto": the kernel on CUDA; bitsandbytes'
+    CPU kernel misreads rows shorter than a block, seen with 32-wide layers)."""
 
     lora: LoRAConfig = DEFAULT_LORA
     block_size: int = 64
     double_quant: bool = True
     compute_dtype: torch.dtype = torch.float32
+    kernel: str = "auto"  # dequantise from scratch ("peftlab"), by bitsandbytes' kernel, or "auto": it on CUDA
 
     def __post_init__(self):
+        if self.kernel not in KERNELS:
+            raise ValueError(f"Unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}.")
+        if self.kernel == "bitsandbytes" and not _has_bitsandbytes():
+            raise ValueError("kernel='bitsandbytes' needs the bitsandbytes package: pip install bitsandbytes, or use "
+                             "kernel='peftlab' (the from-scratch dequantisation).")  # fmt: skip
         if not isinstance(self.lora, LoRAConfig):
             raise TypeError(f"QLoRAConfig.lora takes a LoRAConfig, got {type(self.lora).__name__}.")
         if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
@@ -58,6 +68,12 @@ class QLoRAConfig:
                 f"compute_dtype must be a floating dtype, e.g. torch.float32 or torch.bfloat16; "
                 f"got {self.compute_dtype!r}."
             )
+
+
+def _has_bitsandbytes() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
 
 
 class _MatmulDequantized(torch.autograd.Function):
@@ -72,11 +88,11 @@ class _MatmulDequantized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, layer: Linear4bit) -> torch.Tensor:
         ctx.layer = layer
-        return x @ dequantize_nf4(layer.weight).to(x.dtype).T
+        return x @ layer.dequantized().to(x.dtype).T
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor):
-        return grad_output @ dequantize_nf4(ctx.layer.weight).to(grad_output.dtype), None
+        return grad_output @ ctx.layer.dequantized().to(grad_output.dtype), None
 
 
 class Linear4bit(nn.Module):
@@ -96,6 +112,8 @@ class Linear4bit(nn.Module):
         self.register_buffer("absmax_scales", weight.absmax_scales)  # None without double quantisation
         self.register_buffer("absmax_mean", weight.absmax_mean)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype), requires_grad=False)
+        self.kernel = "peftlab"  # how dequantized() computes; QLoRAConfig.kernel sets it
+        self._state = None  # bitsandbytes' view of the same tensors, when its kernel dequantises
 
     @classmethod
     def from_linear(
@@ -110,6 +128,21 @@ class Linear4bit(nn.Module):
         """The NF4 weight, rebuilt from the buffers (no copy)."""
         return NF4Tensor(self.packed, self.absmax, self.shape, self.dtype, self.block_size,
                          self.absmax_scales, self.absmax_mean)  # fmt: skip
+
+    def dequantized(self) -> torch.Tensor:
+        """W in full precision, for one matmul: from scratch (:func:`peftlab.quant.dequantize_nf4`), or by
+        bitsandbytes' fused kernel where ``kernel`` says so (``"auto"``: on CUDA when bitsandbytes is installed).
+        The kernel reads the same tensors through bitsandbytes' QuantState, built once per device."""
+        if not self._uses_kernel():
+            return dequantize_nf4(self.weight)
+        if self._state is None or self._state[0].data_ptr() != self.packed.data_ptr():  # new, or moved
+            self._state = bitsandbytes_state(self.weight)
+        return dequantize_nf4_kernel(self.weight, self._state)
+
+    def _uses_kernel(self) -> bool:
+        if self.kernel == "bitsandbytes":
+            return True
+        return self.kernel == "auto" and self.packed.device.type == "cuda" and _has_bitsandbytes()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _MatmulDequantized.apply(x.to(self.compute_dtype), self)
@@ -135,6 +168,7 @@ class QLoRALinear(LoRALinear):
     def __init__(self, layer: nn.Module, config: QLoRAConfig, name: str = "layer"):
         super().__init__(layer, name=name)
         self.base_layer = Linear4bit.from_linear(layer, config.block_size, config.double_quant, config.compute_dtype)
+        self.base_layer.kernel = config.kernel
 
     def merge(self) -> None:
         raise RuntimeError(
