@@ -267,7 +267,8 @@ class Explorer(widgets.VBox):
         self.figure = None
         self._compute, self._describe, self._draw = compute, describe, draw
         self._busy = False
-        boxes = [widgets.HBox([controls[name] for name in row]) for row in rows]
+        wrap = widgets.Layout(flex_flow="row wrap")  # a narrow window wraps a row instead of cutting its labels
+        boxes = [widgets.HBox([controls[name] for name in row], layout=wrap) for row in rows]
         super().__init__([*boxes, self.summary, self.output])
         for control in controls.values():
             control.observe(self._changed, names="value")
@@ -339,7 +340,7 @@ def _parameter_summary(explorer: Explorer) -> str:
     report = explorer.result
     return (
         f"<b>{html.escape(report.method)}</b> on <b>{html.escape(report.architecture)}</b>: trainable "
-        f"<b>{report.trainable:,}</b> of {report.total:,} parameters ({report.percent:.3g} %)"
+        f"<b>{report.trainable:,}</b> of {report.total:,} parameters ({report.percent:.4g} %)"
     )
 
 
@@ -368,7 +369,8 @@ def _vram_summary(explorer: Explorer) -> str:
     counts = ParameterCount(estimate.trainable_parameters, estimate.total_parameters)
     return (
         f"<b>{html.escape(fit_summary(estimate), quote=False)}</b><br>"
-        f"<small>{html.escape(c['method'].value)} on {html.escape(c['architecture'].value)}: {counts}</small>"
+        f'<span style="color:#555">{html.escape(c["method"].value)} on {html.escape(c["architecture"].value)}: '
+        f"{counts}</span>"
     )
 
 
