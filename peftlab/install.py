@@ -97,16 +97,17 @@ def colab(run: Callable[[list[str]], object] | None = None) -> list[list[str]]:
     """
     run = run or (lambda command: subprocess.run(command, check=True))
     lines = colab_constraints(read_constraints(), installed())
-    with tempfile.NamedTemporaryFile("w", suffix="-constraints.txt", delete=False) as file:
-        file.write("\n".join(lines) + "\n")
     print(f"Installing peftlab's dependencies ({len(lines)} tested releases pinned; Colab keeps its own torch, "
           "numpy and notebook stack) and the two offline base models ...", flush=True)  # fmt: skip
-    commands = [
-        [sys.executable, "-m", "pip", "install", "-q", "-c", file.name, *base_requirements()],
-        [sys.executable, "-m", "peftlab.models", "install"],
-    ]
-    for command in commands:
-        run(command)
+    with tempfile.TemporaryDirectory() as folder:  # removed afterwards, also when pip fails
+        pins = Path(folder) / "constraints.txt"
+        pins.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        commands = [
+            [sys.executable, "-m", "pip", "install", "-q", "-c", str(pins), *base_requirements()],
+            [sys.executable, "-m", "peftlab.models", "install"],
+        ]
+        for command in commands:
+            run(command)
     return commands
 
 

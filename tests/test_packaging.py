@@ -83,11 +83,16 @@ def test_colab_pins_the_taught_libraries_and_whatever_colab_lacks_and_leaves_the
 
 
 def test_colab_installs_peftlabs_base_requirements_then_the_models():
-    commands = []
-    install.colab(run=commands.append)
+    commands, pinned = [], []
+
+    def record(command):  # the constraints file exists while the commands run, and is removed after
+        commands.append(command)
+        if "-c" in command:
+            pinned.extend(Path(command[command.index("-c") + 1]).read_text().split())
+
+    install.colab(run=record)
     pip, models = commands
-    assert pip[1:5] == ["-m", "pip", "install", "-q"] and pip[5] == "-c"
-    pinned = Path(pip[6]).read_text().split()
+    assert pip[1:5] == ["-m", "pip", "install", "-q"] and pip[5] == "-c" and not Path(pip[6]).exists()
     assert f"transformers=={install.read_constraints()['transformers']}" in pinned
     installed_here = ("numpy==", "pytest==", "jupyterlab==")  # as Colab has its own
     assert not any(line.startswith(installed_here) for line in pinned)
