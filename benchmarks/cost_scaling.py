@@ -32,7 +32,7 @@ from memory_accuracy import build, measure_phases, row
 from method_speed import step_flops
 
 from peftlab import env, memory, models
-from peftlab.timing import matmul_tflops, median, timed_steps
+from peftlab.timing import matmul_tflops, median, timed_steps, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cost_scaling.json"
 ARCHITECTURE = "smollm2-135m"
@@ -48,16 +48,7 @@ def point(model, method: str, batch_size: int, seq_len: int, device, ceiling, ar
     ids = torch.randint(0, model.config.vocab_size, (batch_size, seq_len), device=device)
     batch = {"input_ids": ids, "labels": ids}
     measured = measure_phases(model, batch, settings) if device.type == "cuda" else None
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = settings["precision"] == "bf16-mixed"
-
-    def step(_index: int) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
+    step = training_step(model, batch, autocast=settings["precision"] == "bf16-mixed")
     seconds = median(timed_steps(step, device, args.steps, args.warmup))
     setup = memory.Setup(method=method, batch_size=batch_size, seq_len=seq_len, precision=METHODS[method])
     estimate = memory.estimate(ARCHITECTURE if not args.quick else models.tiny_config("llama"), setup)

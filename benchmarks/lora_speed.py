@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftlab import env, models
 from peftlab.methods import lora
-from peftlab.timing import alternate, timed_steps
+from peftlab.timing import alternate, timed_steps, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "lora_speed.json"
 ROWS = [
@@ -65,17 +65,7 @@ def twin_models(row: dict, device: torch.device) -> tuple[torch.nn.Module, torch
 
 def step_times(model, batch, device, steps: int, warmup: int) -> list[float]:
     """Seconds of each of ``steps`` full training steps (forward, backward, AdamW), after ``warmup`` untimed ones."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    autocast = device.type == "cuda"
-
-    def step(_index: int) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-            loss = model(**batch).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return timed_steps(step, device, steps, warmup)
+    return timed_steps(training_step(model, batch), device, steps, warmup)
 
 
 def run(row: dict, device: torch.device, steps: int, warmup: int, rounds: int = 3) -> dict:

@@ -29,6 +29,7 @@ and model (settings, both step times, ``ratio = peftlab / peft``, FLOPs, FLOP/s 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from datetime import date
@@ -44,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from peftlab import env, models
 from peftlab.methods import adalora, ia3, lora, prefix, prompt, qlora
-from peftlab.timing import alternate, matmul_tflops, median, timed_steps
+from peftlab.timing import alternate, matmul_tflops, median, timed_steps, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "method_speed.json"
 METHODS = ("prompt", "ptuning", "prefix", "ia3", "adalora", "qlora")
@@ -241,28 +242,18 @@ def nf4_base_difference(theirs: nn.Module, ours: nn.Module) -> float | None:
 
 # -- steps -------------------------------------------------------------------------------------------------------------
 def step_function(model: nn.Module, side: str, method: str, batch: dict, device: torch.device, s: dict):
-    """One training step of a side: forward (bf16 autocast), backward, AdamW, and AdaLoRA's extras (peft adds the
-    orthogonality term inside its forward pass; peftlab adds it to the loss; both allocate after the step)."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    allocator = adalora.RankAllocator(model) if method == "adalora" and side == "peftlab" else None  # its hooks
-    counter = {"step": 0}
-
-    def step(_index: int) -> None:
-        counter["step"] += 1
-        with torch.autocast(device.type, dtype=torch.bfloat16):
-            loss = model(**batch).loss
-            if allocator is not None:
-                loss = loss + s["orth_reg_weight"] * adalora.orthogonality_loss(model)
-        loss.backward()
-        optimizer.step()
-        if method == "adalora":
-            if allocator is not None:
-                allocator.update_and_allocate(model, counter["step"])
-            else:
-                model.base_model.update_and_allocate(counter["step"])
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    """One training step of a side (:func:`peftlab.timing.training_step`), and AdaLoRA's extras: peft adds the
+    orthogonality term inside its forward pass, peftlab adds it to the loss; both allocate ranks after the step,
+    counting steps across the timed blocks."""
+    if method != "adalora":
+        return training_step(model, batch)
+    steps = itertools.count(1)
+    if side == "peft":
+        return training_step(model, batch, after_step=lambda _: model.base_model.update_and_allocate(next(steps)))
+    allocator = adalora.RankAllocator(model)
+    return training_step(model, batch,
+                         loss_fn=lambda m, b: m(**b).loss + s["orth_reg_weight"] * adalora.orthogonality_loss(m),
+                         after_step=lambda _: allocator.update_and_allocate(model, next(steps)))  # fmt: skip
 
 
 def step_flops(model: nn.Module, row: dict, method: str) -> dict:

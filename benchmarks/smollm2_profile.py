@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lora_speed import twin_models
 
 from peftlab import env, models
-from peftlab.timing import matmul_tflops, median, timed_steps
+from peftlab.timing import matmul_tflops, median, timed_steps, training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "smollm2_profile.json"
 TABLE = RESULTS.with_suffix(".txt")
@@ -58,16 +58,7 @@ def kind_of(name: str) -> str:
 
 
 def step_of(model, batch, device, loss_fn=None, autocast=True):
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-
-    def step(_index: int) -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast and device.type == "cuda"):
-            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
+    return training_step(model, batch, autocast=autocast, loss_fn=loss_fn)
 
 
 def no_head_loss(model, batch):

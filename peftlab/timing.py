@@ -30,6 +30,27 @@ def timed_steps(step: Callable[[int], None], device: torch.device, steps: int, w
     return times
 
 
+def training_step(model: torch.nn.Module, batch: dict, autocast: bool = True, loss_fn=None,
+                  after_step=None) -> Callable[[int], None]:  # fmt: skip
+    """One full training step as a function of the step index, for :func:`timed_steps`: forward (bf16 autocast on
+    CUDA when ``autocast``), backward, an AdamW step over what trains, gradients cleared. ``loss_fn(model, batch)``
+    replaces ``model(**batch).loss``; ``after_step(step)`` runs after the optimizer step (step from 1)."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = next(model.parameters()).device
+    enabled = autocast and device.type == "cuda"
+
+    def step(index: int) -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled):
+            loss = model(**batch).loss if loss_fn is None else loss_fn(model, batch)
+        loss.backward()
+        optimizer.step()
+        if after_step is not None:
+            after_step(index + 1)
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
 def alternate(sides: dict[str, Callable[[], list[float]]], rounds: int = 3) -> dict[str, list[float]]:
     """Call each side's block ``rounds`` times, side after side, so that clock and thermal drift fall on every
     side; returns each side's step times, all blocks together."""

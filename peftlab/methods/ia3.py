@@ -246,30 +246,14 @@ def apply(model: nn.Module, config: IA3Config, adapter: str = DEFAULT_ADAPTER) -
     return model
 
 
-def _scaled_layers(model: nn.Module) -> dict[str, IA3Scaled]:
-    found = layers.adapter_layers(model, IA3Scaled)
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no (IA)³ vectors: call ia3.apply first.")
-    return found
-
-
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active l into its weights (see :meth:`IA3Scaled.merge`); :func:`unmerge` divides it out again."""
-    found = _scaled_layers(model)
-    if any(layer.merged for layer in found.values()):
-        raise ValueError("The (IA)³ vectors are already merged: unmerge first (merging twice would scale twice).")
-    for layer in found.values():
-        layer.merge()
-    return model
+    return layers.merge_all(model, IA3Scaled)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Undo :func:`merge` (exact up to rounding; l must have no zero)."""
-    found = _scaled_layers(model)
-    if not all(layer.merged for layer in found.values()):
-        raise ValueError("The (IA)³ vectors are not merged: there is nothing to unmerge.")
-    if any((layer.scaling(layer.merged) == 0).any() for layer in found.values()):
+    """Undo :func:`merge` (exact up to rounding; l must have no zero, checked before anything changes)."""
+    found = layers.merged_layers(model, IA3Scaled, merge=False)
+    if any((layer.scaling(layer.merged) == 0).any() for layer in found.values() if layer.merged):
         raise ValueError("An (IA)³ vector has a zero entry: the weights it zeroed cannot be recovered by unmerging.")
-    for layer in found.values():
-        layer.unmerge()
-    return model
+    return layers.unmerge_all(model, IA3Scaled)

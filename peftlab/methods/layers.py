@@ -155,6 +155,35 @@ def adapter_layers(model: nn.Module, cls: type[AdapterLayer] = AdapterLayer) -> 
     return {name: module for name, module in model.named_modules() if isinstance(module, cls)}
 
 
+def merged_layers(model: nn.Module, cls: type[AdapterLayer], merge: bool) -> dict[str, AdapterLayer]:
+    """The layers that :func:`merge_all` (``merge=True``) or :func:`unmerge_all` would change, checked: the model has
+    such layers, and none is merged yet (or some are, to unmerge)."""
+    found = adapter_layers(model, cls)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no {cls.method} layers: apply {cls.method} first.")
+    if merge and any(layer.merged for layer in found.values()):
+        raise RuntimeError(f"The model's {cls.method} is already merged: merging twice would apply it twice. Unmerge "
+                           "first.")  # fmt: skip
+    if not merge and not any(layer.merged for layer in found.values()):
+        raise RuntimeError(f"The model's {cls.method} is not merged: there is nothing to unmerge (merge first).")
+    return found
+
+
+def merge_all(model: nn.Module, cls: type[AdapterLayer]) -> nn.Module:
+    """Fold every active adapter of the ``cls`` layers into its base weight (each layer's :meth:`merge`)."""
+    for layer in merged_layers(model, cls, merge=True).values():
+        layer.merge()
+    return model
+
+
+def unmerge_all(model: nn.Module, cls: type[AdapterLayer]) -> nn.Module:
+    """Take every merged adapter of the ``cls`` layers back out of its base weight (each layer's :meth:`unmerge`)."""
+    for layer in merged_layers(model, cls, merge=False).values():
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
 class ModelWrapper(nn.Module):
     """A whole-model wrapper (soft prompts, prefixes): the transformers model is ``base_model``; ``enabled`` False
     runs it as it is."""

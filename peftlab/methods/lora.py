@@ -269,10 +269,9 @@ def apply(model: nn.Module, config: LoRAConfig, adapter: str = DEFAULT_ADAPTER) 
 
 def merge(model: nn.Module) -> nn.Module:
     """Fold every active LoRA update into its base weight, W ← W + scaling · B A: the forward pass then costs what
-    the base model's does. :func:`unmerge` takes it back out."""
-    found = _layers_of(model)
-    if any(layer.merged for layer in found.values()):
-        raise RuntimeError("The model's LoRA layers are already merged: merging twice adds ΔW twice. Unmerge first.")
+    the base model's does. :func:`unmerge` takes it back out. A base weight tied to another module (an LM head tied
+    to the embeddings) is refused before anything changes."""
+    found = layers.merged_layers(model, LoRALinear, merge=True)
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
@@ -284,20 +283,12 @@ def merge(model: nn.Module) -> nn.Module:
                 "module too. Untie first (model.config.tie_word_embeddings = False and give the head its own copy: "
                 "model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())), then apply LoRA."
             )
-    for layer in found.values():
-        layer.merge()
-    return model
+    return layers.merge_all(model, LoRALinear)
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`, W ← W − scaling · B A (exact up to float rounding)."""
-    found = _layers_of(model)
-    if not any(layer.merged for layer in found.values()):
-        raise RuntimeError("The model's LoRA layers are not merged: there is nothing to unmerge (call merge first).")
-    for layer in found.values():
-        if layer.merged:
-            layer.unmerge()
-    return model
+    return layers.unmerge_all(model, LoRALinear)
 
 
 # ----------------------------------------------------------------------------------------------------------------
