@@ -380,5 +380,9 @@ def test_options_that_do_not_apply_to_the_model():
     with pytest.raises(ValueError, match="the head trains"):
         memory.estimate(llama(tied=False).config, memory.Setup(method="lora", method_config=config, precision="nf4",
                                                                quantise_head=True))  # fmt: skip
+    with pytest.raises(ValueError, match="adapts none"):
+        memory.estimate("smollm2-135m", memory.Setup(method="prompt", precision="nf4", quantised_layers="targets"))
+    with pytest.raises(ValueError, match="quantise_head must be True or False"):
+        memory.Setup(method="qlora", precision="nf4", quantise_head="yes")
     with pytest.raises(ValueError, match="has no output head"):
         memory.estimate("bert-base", memory.Setup(method="lora", precision="nf4", quantise_head=True))

@@ -33,6 +33,7 @@ from peftlab.memory.bytes import (
 )
 from peftlab.memory.measure import OPTIMIZERS, check_choice
 from peftlab.methods import METHOD_NAMES, apply_method, method, record
+from peftlab.methods.layers import AdapterLayer
 from peftlab.params import count_parameters
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16", *QUANTISED)
@@ -124,6 +125,8 @@ class Setup:
         if isinstance(self.padding, bool) or not isinstance(self.padding, int | float) or not 0 <= self.padding < 1:
             raise ValueError(f"padding is the share of padded tokens in a batch, in [0, 1) (0: no padding, 0.2: a "
                              f"fifth of the tokens are padding), got {self.padding!r}.")  # fmt: skip
+        if not isinstance(self.quantise_head, bool):
+            raise ValueError(f"quantise_head must be True or False, got {self.quantise_head!r}.")
         check_choice("loss", self.loss, LOSSES)
         check_choice("quantised_layers", self.quantised_layers, QUANTISED_LAYERS)
         if self.gpu is not None:
@@ -141,8 +144,6 @@ class Setup:
             option = "quantise_head=True" if self.quantise_head else f"quantised_layers={self.quantised_layers!r}"
             raise ValueError(f"{option} applies to a quantised base ({', '.join(QUANTISED)}), not to "
                              f"precision={self.precision!r}.")  # fmt: skip
-        if not isinstance(self.quantise_head, bool):
-            raise ValueError(f"quantise_head must be True or False, got {self.quantise_head!r}.")
         if self.precision in QUANTISED and not method(self.method).freezes_base:
             frozen = ", ".join(name for name in METHOD_NAMES if method(name).freezes_base)
             raise ValueError(f"A quantised base ({self.precision}) cannot be trained by {self.method!r}: use a "
@@ -233,6 +234,9 @@ def _check_options(model: nn.Module, setup: Setup) -> None:
     if setup.loss != "transformers" and head is None:
         raise ValueError(f"loss={setup.loss!r} applies to a language model's head; {type(base).__name__} has none "
                          "(an encoder's classifier logits are tiny): leave loss='transformers'.")  # fmt: skip
+    if setup.quantised_layers == "targets" and not any(isinstance(m, AdapterLayer) for m in model.modules()):
+        raise ValueError(f"quantised_layers='targets' quantises the layers {setup.method!r} adapts, and it adapts "
+                         "none (a soft prompt or prefix leaves every layer as it is): use 'blocks'.")  # fmt: skip
     if setup.quantise_head:
         if head is None:
             raise ValueError(f"quantise_head=True: {type(base).__name__} has no output head to quantise.")
