@@ -2,8 +2,8 @@
 close to what the GPU measured. A change to peftlab.memory that breaks its accuracy fails here, not on a GPU.
 
 Sources: ``benchmarks/results/memory_accuracy.json`` (peaks over AdamW/SGD steps and the bytes saved for backward,
-27 rows, H100) and notebook 02's full run, ``notebooks/results/02_full.json`` (bytes saved for backward by nine
-methods, H100)."""
+27 rows, H100; and issue 11's held-out rows, ``first_reading``, H200) and notebook 02's full run,
+``notebooks/results/02_full.json`` (bytes saved for backward by nine methods, H100)."""
 
 import dataclasses
 import json
@@ -17,7 +17,8 @@ from peftlab.methods import apply_method, default_config, lora
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from memory_accuracy import ESTIMATED, RESULTS  # noqa: E402  (the benchmark's own row settings and results file)
+import memory_accuracy  # noqa: E402  (the benchmark's own row settings, estimate and results file)
+from memory_accuracy import ESTIMATED, RESULTS, estimate_columns, gpu_of  # noqa: E402
 
 BENCHMARK = json.loads(RESULTS.read_text())
 NOTEBOOK_02 = json.loads((REPO / "notebooks" / "results" / "02_full.json").read_text())
@@ -92,3 +93,47 @@ def test_the_defaults_behind_notebook_02s_record_are_unchanged():
         if row["lora"] is None:
             method = row["peftlab_method"]
             assert dataclasses.asdict(default_config(method, base)) == DEFAULTS_OF_THE_RUN[method], row["method"]
+
+
+# -- the held-out rows of issue 11 (first_reading: H200), at the tolerance the corrected estimator meets ------------
+#: Measured on an H200 and first estimated without the mechanisms of issue 11; the corrected estimator was fitted to
+#: these rows (LoRA dropout, accumulation, padding, GPT-2 under CUDA autocast, the cuBLAS workspaces), so this
+#: guards the corrections, it does not show they generalise. BERT's peak falls inside the forward pass and is under
+#: by more than the saved bytes explain (a known gap: the package docstring).
+HELD_OUT = [row for row in BENCHMARK["first_reading"]["rows"] if "failed" not in row]
+HELD_OUT_SETTINGS = [key for key in memory_accuracy.HELD_OUT[0] if key != "estimator_lacks"]
+GPU = gpu_of(BENCHMARK["first_reading"]["device"])
+PEAK_TOLERANCE = {"bert-base": 0.07}
+
+
+def held_out_id(row: dict) -> str:
+    extra = [f"accum{row['grad_accumulation']}"] if row["grad_accumulation"] > 1 else []
+    extra += ["padded"] if row["padding"] else []
+    extra += ["dropout"] if (row["method_config"] or {}).get("dropout") else []
+    return "-".join([row["architecture"], row["method"], f"b{row['batch_size']}", f"T{row['seq_len']}", *extra])
+
+
+@pytest.mark.parametrize("row", HELD_OUT, ids=held_out_id)
+def test_held_out_rows_with_every_mechanism(row):
+    settings = {key: row[key] for key in HELD_OUT_SETTINGS if key in row}
+    columns = estimate_columns(settings, row["measured_bytes"], gpu=GPU, mechanisms=True)
+    tolerance = PEAK_TOLERANCE.get(row["architecture"], 0.01)
+    assert columns["estimate_error"] == pytest.approx(0, abs=tolerance), BENCHMARK["first_reading"]["device"]
+    assert columns["saved_bytes_estimate"] / row["saved_bytes_measured"] - 1 == pytest.approx(0, abs=0.005)
+    anchors = [abs(columns[f"{name}_error"]) for name in ("accelerate", "gpu_poor") if columns[f"{name}_error"]]
+    assert abs(columns["estimate_error"]) < min(anchors)
+
+
+def test_the_first_reading_is_kept_as_it_was_measured():
+    """The corrected block re-estimates the first reading's rows; it never replaces them."""
+    first, corrected = BENCHMARK["first_reading"], BENCHMARK["corrected"]
+    assert first["peftlab_commit"].startswith("0a320ca") and first["summary"]["max_abs_error"] > 0.19
+    assert [r["measured_bytes"] for r in corrected["rows"]] == [r["measured_bytes"] for r in HELD_OUT]
+    assert corrected["summary"]["max_abs_error"] < first["summary"]["max_abs_error"]
+
+
+@pytest.mark.parametrize("row", BENCHMARK["rows"], ids=row_id)
+def test_peak_with_the_cublas_workspaces_is_within_2_percent(row):
+    """The 27 H100 rows once the two cuBLAS workspaces of an H100 are counted (``Setup.gpu``)."""
+    setup = memory.Setup(**{key: row[key] for key in ESTIMATED}, gpu=gpu_of(BENCHMARK["device"]))
+    assert memory.estimate(row["architecture"], setup).peak / row["measured_bytes"] - 1 == pytest.approx(0, abs=0.02)

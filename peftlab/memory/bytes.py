@@ -6,10 +6,16 @@ import math
 
 from torch import nn
 
+from peftlab.memory.activations import _base_of
 from peftlab.methods import targets
 from peftlab.methods.layers import AdapterLayer
+from peftlab.methods.qlora import Linear4bit
 
 QUANTISED = ("int8", "nf4", "nf4-dq")
+#: Which frozen linear layers a quantised base stores quantised (``Setup.quantised_layers``): every one of the
+#: blocks (bitsandbytes' ``load_in_4bit`` / ``load_in_8bit``), or only the layers the method adapts (peftlab's
+#: ``qlora.apply``, which quantises its LoRA targets and leaves the other layers 16-bit).
+QUANTISED_LAYERS = ("blocks", "targets")
 #: Bytes of optimizer state per trainable parameter, per byte of the parameter (8-bit Adam: 2 bytes whatever).
 STATES_PER_PARAMETER = {"sgd": 0, "sgd-momentum": 1, "adamw": 2, "adagrad": 1, "rmsprop": 1}
 NF4_BLOCK = 64
@@ -27,25 +33,35 @@ def quantised_bytes_per_parameter(precision: str) -> float:
     return 0.5 + 1 / NF4_BLOCK + 4 / (NF4_BLOCK * NF4_DQ_BLOCK)
 
 
-def quantisable_weights(model: nn.Module) -> set[int]:
+def quantisable_weights(model: nn.Module, layers: str = "blocks", head: bool = False) -> set[int]:
     """The weights a quantised base stores in int8 or NF4, by ``id``: the frozen linear layers of the blocks (the
     base layers of a method's layers among them), never embeddings, norms, heads or a method's own modules — as
-    bitsandbytes and QLoRA do."""
+    bitsandbytes and QLoRA do. ``layers="targets"``: only the base layers of a method's layers (peftlab's
+    ``qlora.apply``). ``head=True``: the output head too (bitsandbytes with ``llm_int8_skip_modules=[]``), which
+    must be frozen and not tied to the input embeddings (checked by the estimator)."""
     chosen = {}
     for name, module in targets.candidates(model).items():
-        if isinstance(module, AdapterLayer):
+        adapted = isinstance(module, AdapterLayer)
+        if adapted:
             module = module.base_layer
-        if isinstance(module, targets.LINEAR) and not any(part in targets.HEAD_NAMES for part in name.split(".")):
+        if not isinstance(module, targets.LINEAR) or any(part in targets.HEAD_NAMES for part in name.split(".")):
+            continue
+        if adapted or layers == "blocks":
             chosen[id(module.weight)] = module.weight
+    output = _base_of(model)[0].get_output_embeddings() if head else None
+    if output is not None and isinstance(output, targets.LINEAR):
+        chosen[id(output.weight)] = output.weight
     return {key for key, weight in chosen.items() if not weight.requires_grad}
 
 
-def weight_bytes(model: nn.Module, precision: str) -> int:
+def weight_bytes(model: nn.Module, precision: str, layers: str = "blocks", head: bool = False) -> int:
     """Bytes of every parameter in its storage precision (see the module docstring). With a quantised base the
-    frozen linear layers of the blocks are quantised; everything else is bf16."""
+    frozen linear layers of the blocks are quantised (``layers`` and ``head``: :func:`quantisable_weights`);
+    everything else is bf16. A model that already carries real 4-bit layers (``qlora.Linear4bit``, whose NF4
+    codes and constants are buffers, not parameters) counts their bytes as they are."""
     dense = {"fp32": 4, "bf16-mixed": 4, "bf16": 2, "int8": 2, "nf4": 2, "nf4-dq": 2}[precision]
-    quantised = quantisable_weights(model) if precision in QUANTISED else set()
-    total = 0.0
+    quantised = quantisable_weights(model, layers, head) if precision in QUANTISED else set()
+    total = float(sum(module.weight.nbytes for module in model.modules() if isinstance(module, Linear4bit)))
     for param in model.parameters():
         if id(param) in quantised:
             total += param.numel() * quantised_bytes_per_parameter(precision)
