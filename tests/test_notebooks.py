@@ -116,7 +116,9 @@ def quoted_figures(record: dict) -> list[str]:
     return figures
 
 
-@pytest.mark.parametrize("record", sorted((REPO / "notebooks" / "results").glob("[0-9][0-9]_*.json")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "record", sorted((REPO / "notebooks" / "results").glob("[0-9][0-9]_*.json")), ids=lambda p: p.name
+)
 def test_full_run_numbers_in_the_prose_come_from_its_record(record):
     """A full run writes notebooks/results/NN_full.json; the notebook's prose must quote what it measured."""
     notebook = nbformat.read(next((REPO / "notebooks").glob(f"{record.name[:2]}_*.ipynb")), as_version=4)
