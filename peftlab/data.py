@@ -34,10 +34,6 @@ import torch
 
 from peftlab.models import home_dir
 
-#: Label names of the financial sentiment sets (public tweets and the teaching headlines): 0, 1, 2.
-SENTIMENT_LABELS = ("bearish", "bullish", "neutral")
-SENTIMENT_LABELS_ZH = ("利空", "利好", "中性")
-
 #: Text fields that may not be empty or white space (an instruction's ``input`` may be).
 NON_EMPTY = ("text", "instruction", "output", "prompt", "chosen", "rejected", "value")
 
@@ -45,7 +41,11 @@ NON_EMPTY = ("text", "instruction", "output", "prompt", "chosen", "rejected", "v
 IGNORE_INDEX = -100
 
 TEACHING_SETS = {
-    "fin_headlines": {"file": "fin_headlines.jsonl", "task": "classification"},
+    "fin_headlines": {
+        "file": "fin_headlines.jsonl",
+        "task": "classification",
+        "labels": ("bearish", "bullish", "neutral"),
+    },
     "instructions": {"file": "instructions.jsonl", "task": "instruction"},
     "preferences": {"file": "preferences.jsonl", "task": "preference"},
 }
@@ -233,7 +233,7 @@ def _teaching_rows(name: str, path: Path) -> list[dict]:
         _require(row, {"id": str, "lang": str}, where)
         if task == "classification":
             _require(row, {"text": str, "label": int}, where)
-            _check_label(row["label"], SENTIMENT_LABELS, where)
+            _check_label(row["label"], label_names(name), where)
             rows.append({"text": row["text"], "label": row["label"], "lang": row["lang"], "id": row["id"]})
         elif task == "instruction":
             _require(row, {"instruction": str, "input": str, "output": str}, where)
@@ -259,6 +259,7 @@ def _split_teaching(rows: list[dict], split: str) -> list[dict]:
 
 
 def _read_fin_tweets(path: Path) -> list[dict]:
+    labels = label_names("fin_tweets")
     rows = []
     with io.StringIO(read_text(path)[0], newline="") as file:
         reader = csv.DictReader(file)
@@ -272,7 +273,7 @@ def _read_fin_tweets(path: Path) -> list[dict]:
                 raise DataError(f"{where}: label {row['label']!r} is not an integer 0, 1 or 2.") from error
             if not row["text"].strip():
                 raise DataError(f"{where}: empty text. Fix or drop the row.")
-            rows.append({"text": row["text"], "label": _check_label(label, SENTIMENT_LABELS, where), "lang": "en"})
+            rows.append({"text": row["text"], "label": _check_label(label, labels, where), "lang": "en"})
     return rows
 
 
@@ -337,22 +338,43 @@ def load(
     """
     if split not in SPLITS:
         raise DataError(f"Unknown split {split!r}; use one of {', '.join(SPLITS)}.")
+    _entry(name)  # an unknown name is refused here, with the closest known names
     if name in TEACHING_SETS:
         rows = _split_teaching(_teaching_rows(name, project_data_dir() / TEACHING_SETS[name]["file"]), split)
-    elif name in catalogue():
-        rows = _read_public(name, split, download)
     else:
-        close = difflib.get_close_matches(name, dataset_names(), n=2, cutoff=0.4)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise DataError(f"Unknown data set {name!r}.{hint} Known: {', '.join(dataset_names())}.")
+        rows = _read_public(name, split, download)
     if languages is not None:
         rows = [row for row in rows if row["lang"] in languages]
     return rows[:limit] if limit is not None else rows
 
 
+def _entry(name: str) -> dict:
+    if name in TEACHING_SETS:
+        return TEACHING_SETS[name]
+    if name in catalogue():
+        return catalogue()[name]
+    close = difflib.get_close_matches(str(name), dataset_names(), n=2, cutoff=0.4)
+    hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+    raise DataError(f"Unknown data set {name!r}.{hint} Known: {', '.join(dataset_names())}.")
+
+
 def task_of(name: str) -> str:
     """The task a data set serves: classification, instruction, preference or text."""
-    return TEACHING_SETS[name]["task"] if name in TEACHING_SETS else catalogue()[name]["task"]
+    return _entry(name)["task"]
+
+
+def label_names(name: str) -> tuple[str, ...]:
+    """The names of a classification set's labels, in the order its integer labels index them (0, 1, ...).
+
+    They come from the set's own entry (``TEACHING_SETS`` or ``data/catalogue.json``), which follows the file's
+    card: ``fin_tweets`` is 0 = bearish, 1 = bullish, 2 = neutral. A learner's own file gets its names from
+    :func:`read_labelled`.
+    """
+    entry = _entry(name)
+    if entry["task"] != "classification":
+        article = "an" if entry["task"][0] in "aeiou" else "a"
+        raise DataError(f"{name} is {article} {entry['task']} data set; only classification sets have label names.")
+    return tuple(entry["labels"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

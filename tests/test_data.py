@@ -178,6 +178,24 @@ def test_malformed_csv_label_names_the_line(public_data_dir, tmp_path, monkeypat
         data._read_fin_tweets(tmp_path / "bad.csv")
 
 
+def test_label_names_come_from_each_sets_own_entry():
+    # fin_tweets' card (SOURCES.md): 0 = Bearish, 1 = Bullish, 2 = Neutral.
+    assert data.label_names("fin_tweets") == ("bearish", "bullish", "neutral")
+    assert data.label_names("fin_headlines") == ("bearish", "bullish", "neutral")
+    with pytest.raises(data.DataError, match="alpaca_en_demo is an instruction data set; only classification"):
+        data.label_names("alpaca_en_demo")
+    with pytest.raises(data.DataError, match=r"Unknown data set 'fin_tweet'\. Did you mean 'fin_tweets'"):
+        data.label_names("fin_tweet")
+
+
+def test_a_label_outside_the_sets_own_names_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "two.csv").write_text("text,label\nup,1\nflat,2\n", encoding="utf-8")
+    entries = {**data.catalogue(), "fin_tweets": {**data.catalogue()["fin_tweets"], "labels": ["down", "up"]}}
+    monkeypatch.setattr(data, "catalogue", lambda: entries)
+    with pytest.raises(data.DataError, match=r"two.csv:3: label 2 is out of range 0..1 \(down, up\)"):
+        data._read_fin_tweets(tmp_path / "two.csv")
+
+
 # -- formatting, masking, collating -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def chat_tokenizer():
