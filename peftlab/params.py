@@ -4,11 +4,19 @@ Every parameter gets a *kind* from the module that holds it and its name — ``e
 ``norm``, ``head`` (classifier, LM head, pooler), or the method that added it (``lora``, ``adapter``, ``prompt``,
 ``prefix``, ``ia3``) — and a *layer*: the index of the transformer block, or ``None`` outside the blocks.
 Works on real models and on models built on the meta device (no memory needed).
+
+A quantised weight counts as one frozen parameter per value of the original matrix, whatever holds it: peftlab's
+:class:`~peftlab.methods.qlora.Linear4bit` keeps its NF4 codes as buffers (``named_parameters`` does not list them),
+and bitsandbytes' ``Params4bit`` is a parameter of ``numel / 2`` packed bytes. Counting what ``parameters()`` lists
+would drop the 4-bit weights from the total and inflate the trainable share (peft's ``print_trainable_parameters``
+makes the same correction for bitsandbytes).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pandas as pd
@@ -51,26 +59,37 @@ def kind_of(name: str, module: nn.Module) -> str:
     return "other"
 
 
-def parameter_table(model: nn.Module) -> pd.DataFrame:
-    """One row per parameter tensor: name, kind, layer, shape, number of elements, trainable, is it a bias.
-
-    Shared tensors (tied input and output embeddings) are listed once, as ``named_parameters`` does.
-    """
+def weights(model: nn.Module) -> Iterator[tuple[str, nn.Module, tuple[int, ...], bool]]:
+    """Every weight of the model as ``(name, owning module, shape, trainable)``: the parameters (a shared tensor
+    once, as ``named_parameters`` lists it), with a quantised weight in the shape of the matrix it stands for, and
+    the weights peftlab's ``Linear4bit`` stores as buffers, frozen (see the module docstring)."""
     owner = {}
     for module_name, module in model.named_modules():
         for param_name, _ in module.named_parameters(recurse=False):
             owner[f"{module_name}.{param_name}" if module_name else param_name] = module
+    for name, param in model.named_parameters():
+        quant_state = getattr(param, "quant_state", None)  # bitsandbytes' Params4bit: packed bytes
+        shape = tuple(quant_state.shape) if quant_state is not None else tuple(param.shape)
+        yield name, owner.get(name, model), shape, param.requires_grad
+    for module_name, module in model.named_modules():
+        if getattr(module, "stores_weight_as_buffers", False):
+            yield f"{module_name}.weight" if module_name else "weight", module, tuple(module.weight.shape), False
+
+
+def parameter_table(model: nn.Module) -> pd.DataFrame:
+    """One row per weight tensor (see :func:`weights`): name, kind, layer, shape, number of elements, trainable,
+    is it a bias."""
     rows = [
         {
             "name": name,
-            "kind": kind_of(name, owner.get(name, model)),
+            "kind": kind_of(name, module),
             "layer": layer_of(name),
-            "shape": tuple(param.shape),
-            "numel": param.numel(),
-            "trainable": param.requires_grad,
+            "shape": shape,
+            "numel": math.prod(shape),
+            "trainable": trainable,
             "bias": name.endswith("bias"),
         }
-        for name, param in model.named_parameters()
+        for name, module, shape, trainable in weights(model)
     ]
     table = pd.DataFrame(rows, columns=["name", "kind", "layer", "shape", "numel", "trainable", "bias"])
     table["layer"] = table["layer"].astype("Int64")
@@ -96,10 +115,9 @@ class ParameterCount:
 
 
 def count_parameters(model: nn.Module) -> ParameterCount:
-    """Trainable and total parameters (shared tensors counted once)."""
-    params = list(model.parameters())
-    return ParameterCount(trainable=sum(p.numel() for p in params if p.requires_grad),
-                          total=sum(p.numel() for p in params))  # fmt: skip
+    """Trainable and total parameters (shared tensors once, quantised weights as the values they stand for)."""
+    listed = [(math.prod(shape), trainable) for _, _, shape, trainable in weights(model)]
+    return ParameterCount(trainable=sum(n for n, trainable in listed if trainable), total=sum(n for n, _ in listed))
 
 
 def _summarise(table: pd.DataFrame, by: str) -> pd.DataFrame:

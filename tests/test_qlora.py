@@ -13,7 +13,7 @@ from peftlab import memory, models, quant, train
 from peftlab.methods import lora, qlora
 from peftlab.methods.lora import LoRAConfig
 from peftlab.methods.qlora import QLoRAConfig
-from peftlab.params import count_parameters
+from peftlab.params import ParameterCount, count_parameters, parameter_table
 from peftlab.quant import dequantize_nf4
 
 # tiny llama's linear layers (q/o 32×32, k/v 16×32, gate/up 64×32, down 32×64): every weight is a multiple of 64.
@@ -131,6 +131,29 @@ def test_training_lowers_the_loss_moves_only_lora_and_leaves_the_codes_unchanged
             assert torch.equal(buffer, codes[name]), name
     for name, param in model.named_parameters():
         assert torch.equal(param, before[name]) != ("lora_" in name), name  # LoRA moved, everything else did not
+
+
+def test_quantised_weights_count_as_frozen_parameters():
+    """Linear4bit keeps its NF4 codes as buffers: the count must not lose them (the share would look ~2x larger)."""
+    full = models.tiny_model("llama")
+    model = qlora.apply(models.tiny_model("llama"), CONFIG)
+    lora_numel = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert count_parameters(model).total == count_parameters(full).total + lora_numel
+    assert count_parameters(model).trainable == lora_numel
+    listed = sum(p.numel() for p in model.parameters())  # what a naive count sees: the quantised weights are gone
+    assert listed < count_parameters(model).total
+    table = parameter_table(model).set_index("name")
+    row = table.loc["model.layers.0.self_attn.q_proj.base_layer.weight"]
+    assert (row["shape"], row["numel"], row["trainable"], row["kind"]) == ((32, 32), 1024, False, "attention")
+
+
+def test_a_bitsandbytes_4bit_parameter_counts_the_values_it_stands_for():
+    """bitsandbytes' Params4bit is a parameter of numel/2 packed bytes with the matrix's shape in its quant_state."""
+    layer = torch.nn.Linear(32, 16, bias=False)
+    packed = torch.nn.Parameter(torch.zeros(256, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = dataclasses.make_dataclass("QuantState", ["shape"])(torch.Size([16, 32]))
+    layer.weight = packed
+    assert count_parameters(layer) == ParameterCount(trainable=0, total=512)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

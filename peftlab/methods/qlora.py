@@ -100,7 +100,10 @@ class Linear4bit(nn.Module):
 
     The NF4 tensors are buffers (they move with ``.to(device)`` and are in the state dict, and they have no
     gradient); the full-precision weight is not kept. The bias, if any, is a frozen parameter in the compute dtype.
+    :func:`peftlab.params.weights` counts the NF4 weight as ``out_features × in_features`` frozen parameters.
     """
+
+    stores_weight_as_buffers = True
 
     def __init__(self, weight: NF4Tensor, bias: torch.Tensor | None, compute_dtype: torch.dtype = torch.float32):
         super().__init__()
