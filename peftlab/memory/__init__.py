@@ -70,9 +70,9 @@ from peftlab.memory.measure import (
     measure,
     saved_tensor_bytes,
 )
-from peftlab.memory.zero import zero_per_gpu
+from peftlab.memory.zero import largest_layer_parameters, zero_model_states, zero_per_gpu
 
 __all__ = ["ATTENTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "GPUS", "LOSSES", "OPTIMIZERS", "PRECISIONS",
-           "QUANTISED_LAYERS", "TERMS", "Measurement",
-           "MemoryEstimate", "Setup", "enable_checkpointing", "estimate", "make_optimizer", "measure",
-           "quantised_bytes_per_parameter", "saved_tensor_bytes", "weight_bytes", "zero_per_gpu"]  # fmt: skip
+           "QUANTISED_LAYERS", "TERMS", "Measurement", "MemoryEstimate", "Setup", "enable_checkpointing", "estimate",
+           "largest_layer_parameters", "make_optimizer", "measure", "quantised_bytes_per_parameter",
+           "saved_tensor_bytes", "weight_bytes", "zero_model_states", "zero_per_gpu"]  # fmt: skip
