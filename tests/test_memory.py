@@ -113,6 +113,15 @@ def test_checkpointing_keeps_only_block_inputs(arch, method):
     assert measured < plain
 
 
+def test_checkpointing_switches_the_cache_off_so_transformers_has_nothing_to_warn_about(capfd):
+    model = models.tiny_model("llama").train()
+    memory.enable_checkpointing(model)
+    ids = torch.randint(3, model.config.vocab_size, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert model.config.use_cache is False
+    assert "use_cache" not in capfd.readouterr().err
+
+
 def test_lora_saves_less_than_full_fine_tuning_but_not_much_less():
     """The claim "with LoRA, activations are as large as with full fine-tuning", measured: frozen projections
     skip saving their inputs, so LoRA keeps about 70-80 % of the activations of full fine-tuning."""

@@ -68,8 +68,14 @@ def make_optimizer(model: nn.Module, optimizer: str, learning_rate: float = 1e-4
 
 def enable_checkpointing(model: nn.Module) -> None:
     """Activation checkpointing of every block, non-reentrant (it works with frozen embeddings, where the reentrant
-    kind silently computes no gradients). transformers renamed the switch in 5.2x; either name is used."""
+    kind silently computes no gradients). transformers renamed the switch in 5.2x; either name is used.
+
+    The KV cache is switched off in the config (``use_cache=False``): training needs none, and a checkpointed block
+    recomputed in the backward pass would write to it a second time, so transformers turns it off anyway, with a
+    warning a learner did not ask for. Set ``model.config.use_cache = True`` again before generating."""
     base, _, _ = _base_of(model)
+    for config in {id(c): c for c in (getattr(model, "config", None), base.config) if c is not None}.values():
+        config.use_cache = False
     kwargs = {"use_reentrant": False}
     if hasattr(base, "activation_checkpointing_enable"):
         base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
