@@ -7,7 +7,7 @@ import re
 import peft
 import pytest
 import torch
-from peft.optimizers import create_loraplus_optimizer
+from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from transformers import AutoModelForCausalLM
 
 from peftlab import models, train
@@ -279,6 +279,56 @@ def test_loraplus_groups_are_those_of_peft(freeze_A):
     b_matrices = {id(p) for name, p in model.named_parameters() if "lora_B" in name}
     assert {rate for key, rate in rates(ours).items() if key in b_matrices} == {16e-3}
     assert len(rates(ours)) == len([p for p in model.parameters() if p.requires_grad])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA-FA: peftlab's (A frozen, AdamW on B) and peft's optimizer (B's gradient preconditioned)
+# ----------------------------------------------------------------------------------------------------------------
+def lorafa_twins(orthonormal_A: bool):
+    """peftlab's LoRA-FA and peft's LoRA on q_proj with the same A and B, each with its optimizer, after one step on
+    the same batch. With ``orthonormal_A``, A = Q / s with orthonormal rows Q, so that s² A Aᵀ = I."""
+    config = LoRAConfig(r=4, alpha=8, target_modules=("q_proj",), freeze_A=True)
+    ours, theirs = peft_twin("llama", config)
+    if orthonormal_A:
+        q, _ = torch.linalg.qr(torch.randn(32, 4, generator=torch.Generator().manual_seed(2)))
+        with torch.no_grad():
+            for model, prefix in ((ours, ""), (theirs, lora.PEFT_PREFIX)):
+                dict(model.named_parameters())[prefix + "model.layers.0.self_attn.q_proj.lora_A.default.weight"].copy_(
+                    q.T / config.scaling
+                )
+    optimizers = (torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-3, eps=1e-6,
+                                    weight_decay=0.0),
+                  create_lorafa_optimizer(theirs, r=4, lora_alpha=8, lr=1e-3))  # fmt: skip
+    ids = token_ids(ours)
+    key = "model.layers.0.self_attn.q_proj.lora_B.default.weight"
+    b_before = dict(ours.named_parameters())[key].detach().clone()
+    grads = {}
+    for model, optimizer, prefix in zip((ours, theirs), optimizers, ("", lora.PEFT_PREFIX), strict=True):
+        (1e6 * model(input_ids=ids, labels=ids).loss).backward()  # gradients far above Adam's eps (1e-6 in peft's)
+        grads[prefix] = dict(model.named_parameters())[prefix + key].grad.clone()
+        optimizer.step()
+    a = dict(ours.named_parameters())["model.layers.0.self_attn.q_proj.lora_A.default.weight"].detach()
+    steps = [dict(m.named_parameters())[prefix + key].detach() - b_before
+             for m, prefix in ((ours, ""), (theirs, lora.PEFT_PREFIX))]  # fmt: skip
+    return steps, grads[""], a, config.scaling
+
+
+def test_peft_lorafa_optimizer_preconditions_b_by_the_inverse_of_s2_a_at():
+    """peft's create_lorafa_optimizer is not plain AdamW with A frozen: it feeds Adam g_B (s² A Aᵀ)⁻¹. Adam's first
+    step is −lr · sign(g), so the step shows which gradient went in."""
+    (ours, theirs), gradient, a, s = lorafa_twins(orthonormal_A=False)
+    preconditioned = gradient @ torch.linalg.inv(s**2 * a @ a.T)
+    torch.testing.assert_close(ours, -1e-3 * torch.sign(gradient), atol=1e-6, rtol=0)
+    torch.testing.assert_close(theirs, -1e-3 * torch.sign(preconditioned), atol=1e-6, rtol=0)
+    # At peft's init s² A Aᵀ is close to (s²/3) I (here the diagonal 1.0-1.5, off it ≤ 0.26), and Adam ignores a
+    # scale: the two first steps differ in sign in only a few entries (3 of 128 here), by 2 lr where they do.
+    assert 0 < (torch.sign(preconditioned) != torch.sign(gradient)).sum() < 16
+
+
+def test_peft_lorafa_optimizer_is_peftlabs_lora_fa_where_s2_a_at_is_the_identity():
+    (ours, theirs), _, a, s = lorafa_twins(orthonormal_A=True)
+    torch.testing.assert_close(s**2 * a @ a.T, torch.eye(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
 
 
 # ----------------------------------------------------------------------------------------------------------------

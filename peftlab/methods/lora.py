@@ -16,7 +16,10 @@ matrices, B ∈ R^{d_out × r} and A ∈ R^{r × d_in}, with a rank r ≪ min(d_
   (:func:`merge`, :func:`unmerge`).
 * **LoRA-FA** (Zhang et al., 2023, "LoRA-FA: Memory-efficient Low-rank Adaptation", arXiv:2308.03303) freezes A at
   its random init and trains only B: half the trainable parameters when d_in = d_out, and the backward pass no
-  longer keeps the full input x, only A x (r numbers per token).
+  longer keeps the full input x, only A x (r numbers per token). peft's ``create_lorafa_optimizer`` is another
+  thing under the same name: it also feeds AdamW the gradient of B times (s² A Aᵀ)⁻¹ (the least-squares B step that
+  best matches a full-weight gradient step). At the usual init s² A Aᵀ is close to a multiple of I, which Adam's
+  step ignores, so the two differ little at first (``tests/test_lora.py`` shows both).
 * **LoRA+** (Hayou et al., 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models", arXiv:2402.12354) gives B a
   learning rate λ times that of A (λ ≈ 16): :func:`loraplus_optimizer`.
 
