@@ -172,8 +172,13 @@ def latest() -> int:
     venv_python = str(LATEST_VENV / "bin" / "python")
     _run([venv_python, "-m", "pip", "install", "-q", "--upgrade", "pip"], check=True)
     _run([venv_python, "-m", "pip", "install", "-q", torch_spec], check=True)
-    _run([venv_python, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-e",
-          f".[{','.join(EXTRAS)}]"], check=True)  # fmt: skip
+    # The eager upgrade would swap torch for its newest build (a CUDA wheel of several GB): hold the one installed.
+    held_torch = LATEST_VENV / "torch-held.txt"
+    installed_torch = subprocess.run([venv_python, "-c", "import torch; print(torch.__version__)"],
+                                     capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    held_torch.write_text(f"torch=={installed_torch}\n")
+    _run([venv_python, "-m", "pip", "install", "-q", "--upgrade", "--upgrade-strategy", "eager", "-c", str(held_torch),
+          "-e", f".[{','.join(EXTRAS)}]"], check=True)  # fmt: skip
     _run([venv_python, "-m", "peftlab.models", "install"], check=True)
     environment = {**os.environ, "PEFTLAB_PROFILE": "smoke"}
     shared = REPO.parent / "shared" / "data"
@@ -186,7 +191,10 @@ def latest() -> int:
     }
     results = {name: _run(command, env=environment).returncode for name, command in steps.items()}
     junit = LATEST_VENV / "junit.xml"
-    results["pytest"] = _run([venv_python, "-m", "pytest", "-q", f"--junitxml={junit}"], env=environment).returncode
+    # The run that writes the record cannot check it: the record's own test is left out, and the record says so.
+    deselected = ["tests/test_packaging.py::test_the_newest_releases_were_checked_and_the_record_says_what_broke"]
+    results["pytest"] = _run([venv_python, "-m", "pytest", "-q", f"--junitxml={junit}",
+                              *(f"--deselect={test}" for test in deselected)], env=environment).returncode  # fmt: skip
     versions = json.loads(subprocess.run([venv_python, __file__, "versions"], capture_output=True, text=True,
                                          check=True, cwd=REPO).stdout)  # fmt: skip
     pins = read_constraints(CONSTRAINTS)
@@ -205,6 +213,7 @@ def latest() -> int:
         "tests": outcome["counts"],
         "failing": outcome["failing"],
         "expected_failures": outcome["expected_failures"],
+        "deselected": deselected,
         "newer_than_constraints": moved,
         "versions": versions["closure"],
         "minutes": round((time.time() - started) / 60, 1),
