@@ -17,6 +17,21 @@ sys.path.insert(0, str(REPO / "tools"))
 import notebooks as notebook_tools  # noqa: E402
 
 NOTEBOOKS = sorted((REPO / "notebooks").glob("*.ipynb"))
+SOLUTIONS = sorted((REPO / "notebooks" / "solutions").glob("*.ipynb"))
+EVERY_NOTEBOOK = NOTEBOOKS + SOLUTIONS
+EXERCISE = re.compile(r"^### Exercise (\d+): (.+)$", re.M)
+SOLUTION = re.compile(r"^### Solution (\d+): (.+)$", re.M)
+
+
+def headings(path: Path, pattern: re.Pattern) -> list[tuple[str, str]]:
+    notebook = nbformat.read(path, as_version=4)
+    markdown = [cell.source for cell in notebook.cells if cell.cell_type == "markdown"]
+    return [match.groups() for source in markdown for match in pattern.finditer(source)]
+
+
+def solutions_of(chapter: Path) -> Path:
+    """Where a chapter's worked solutions live: notebooks/solutions/NN_solutions.ipynb."""
+    return chapter.parent / "solutions" / f"{chapter.name[:2]}_solutions.ipynb"
 
 
 def test_there_are_notebooks_and_they_are_numbered():
@@ -25,7 +40,7 @@ def test_there_are_notebooks_and_they_are_numbered():
         assert re.fullmatch(r"\d\d_[a-z0-9_]+\.ipynb", path.name), path.name
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EVERY_NOTEBOOK, ids=lambda p: p.name)
 def test_notebook_is_clean(path):
     assert notebook_tools.problems(nbformat.read(path, as_version=4)) == []
 
@@ -42,13 +57,14 @@ def test_notebook_follows_the_template(path):
     assert "## Summary" in text and "Exercises" in text
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", EVERY_NOTEBOOK, ids=lambda p: p.name)
 def test_the_colab_badge_and_install_are_stamped_from_the_one_address(path):
     """The badge opens this very notebook at the release the setup cell installs, both from pyproject.toml."""
     notebook = nbformat.read(path, as_version=4)
     repository, tag = notebook_tools.release()
-    assert notebook_tools.colab_badge(path.name) in notebook.cells[0].source, "run: python tools/notebooks.py stamp"
-    assert f"github/{repository}/blob/{tag}/notebooks/{path.name}" in notebook.cells[0].source
+    name = path.relative_to(REPO / "notebooks").as_posix()
+    assert notebook_tools.colab_badge(name) in notebook.cells[0].source, "run: python tools/notebooks.py stamp"
+    assert f"github/{repository}/blob/{tag}/notebooks/{name}" in notebook.cells[0].source
     assert notebook_tools.setup_cell(notebook).source.startswith(notebook_tools.colab_setup())
 
 
@@ -87,6 +103,25 @@ def test_off_colab_the_first_cell_installs_nothing(monkeypatch):
     source = notebook_tools.setup_cell(nbformat.read(NOTEBOOKS[0], as_version=4)).source
     exec(TransformerManager().transform_cell(source), {"get_ipython": lambda: shell})
     assert shell.commands == []
+
+
+@pytest.mark.parametrize("chapter", NOTEBOOKS, ids=lambda p: p.name)
+def test_every_exercise_has_its_solution_kept_apart(chapter):
+    """Exercises are `### Exercise N: title` in the chapter; notebooks/solutions/NN_solutions.ipynb answers each
+    under `### Solution N: title`, the same titles in the same order (nbval runs the solutions too)."""
+    exercises = headings(chapter, EXERCISE)
+    assert exercises, f"{chapter.name} has no `### Exercise N: title` headings"
+    assert [n for n, _ in exercises] == [str(i) for i in range(1, len(exercises) + 1)]
+    solutions = solutions_of(chapter)
+    assert solutions.is_file(), f"{chapter.name}'s exercises have no solutions: write {solutions.relative_to(REPO)}"
+    assert headings(solutions, SOLUTION) == exercises
+    title = nbformat.read(solutions, as_version=4).cells[0].source
+    assert title.startswith(f"# {chapter.name[:2]} · Solutions") and chapter.name in title
+
+
+def test_solutions_belong_to_a_chapter():
+    chapters = {solutions_of(chapter) for chapter in NOTEBOOKS}
+    assert all(path in chapters for path in SOLUTIONS), "a solutions notebook whose chapter does not exist"
 
 
 def test_readme_indexes_every_notebook():

@@ -5,11 +5,12 @@
     python tools/notebooks.py check notebooks/*.ipynb   list what is not clean (exit 1 if anything)
     python tools/notebooks.py stamp notebooks/*.ipynb   write each Colab badge and Colab install from pyproject.toml
 
-Clean means: no cell metadata but tags, notebook metadata reduced to the kernel and the language, and outputs
-only in cells marked ``# NBVAL_CHECK_OUTPUT`` (the cells nbval compares; their stderr is dropped, since it holds
-warnings that vary between machines). No execution counts, with one exception that nbval forces: it compares a
-cell only when the stored cell has an execution count, so a checked cell carries a fixed one, its position among
-the code cells (1, 2, ...). Re-running a notebook therefore never changes its file unless its content changed.
+Clean means: no cell metadata but tags and ``peftlab`` (the prose check's stated figures, tools/prose.py),
+notebook metadata reduced to the kernel and the language, and outputs only in cells marked ``# NBVAL_CHECK_OUTPUT``
+(the cells nbval compares; their stderr is dropped, since it holds warnings that vary between machines). No
+execution counts, with one exception that nbval forces: it compares a cell only when the stored cell has an
+execution count, so a checked cell carries a fixed one, its position among the code cells (1, 2, ...).
+Re-running a notebook therefore never changes its file unless its content changed.
 
 Where the workbook is published is written in one place, ``[project.urls] Repository`` in pyproject.toml; the
 release is ``v<version>``. ``stamp`` writes both into every notebook: the *Open in Colab* badge of the title cell
@@ -27,6 +28,8 @@ from pathlib import Path
 import nbformat
 
 CHECK_MARK = "# NBVAL_CHECK_OUTPUT"
+#: The cell metadata git keeps: nbval's and JupyterLab's tags, and the figures a cell states (tools/prose.py).
+KEPT_METADATA = ("tags", "peftlab")
 KERNELSPEC = {"display_name": "Python 3", "language": "python", "name": "python3"}
 CLEAN_METADATA = {"kernelspec": KERNELSPEC, "language_info": {"name": "python"}}
 REPO = Path(__file__).resolve().parents[1]
@@ -96,8 +99,7 @@ def clean(notebook):
     notebook.metadata = nbformat.from_dict(CLEAN_METADATA)
     counts = fixed_counts(notebook)
     for index, cell in enumerate(notebook.cells):
-        tags = cell.metadata.get("tags")
-        cell.metadata = nbformat.from_dict({"tags": tags} if tags else {})
+        cell.metadata = nbformat.from_dict({key: cell.metadata[key] for key in KEPT_METADATA if cell.metadata.get(key)})
         if cell.cell_type != "code":
             continue
         cell.execution_count = counts[index]
@@ -125,8 +127,8 @@ def problems(notebook) -> list[str]:
     counts = fixed_counts(notebook)
     for index, cell in enumerate(notebook.cells):
         where = f"cell {index}"
-        if set(cell.metadata) - {"tags"}:
-            found.append(f"{where}: metadata {sorted(set(cell.metadata) - {'tags'})}")
+        if set(cell.metadata) - set(KEPT_METADATA):
+            found.append(f"{where}: metadata {sorted(set(cell.metadata) - set(KEPT_METADATA))}")
         if cell.cell_type != "code":
             continue
         if cell.execution_count != counts[index]:
@@ -163,7 +165,8 @@ def main(argv: list[str]) -> int:
         elif command == "clean":
             nbformat.write(clean(nbformat.read(path, as_version=4)), path)
         elif command == "stamp":
-            nbformat.write(clean(stamp(nbformat.read(path, as_version=4), path.name)), path)
+            name = path.resolve().relative_to(REPO / "notebooks").as_posix()  # solutions/01_solutions.ipynb
+            nbformat.write(clean(stamp(nbformat.read(path, as_version=4), name)), path)
         else:
             for problem in problems(nbformat.read(path, as_version=4)):
                 print(f"{path}: {problem}")
