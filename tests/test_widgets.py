@@ -144,12 +144,12 @@ def _estimate(forward_gib: float, step_gib: float) -> memory.MemoryEstimate:
 
 
 def test_fit_summary_sentences():
-    assert widgets.fit_summary(_estimate(9.9, 1)) == f"Peak 9.9 GiB (+0.5 GiB CUDA context): fits on {ALL_GPUS}"
+    assert widgets.fit_summary(_estimate(9.9, 1)) == f"Peak 9.9 GiB (+0.75 GiB CUDA context): fits on {ALL_GPUS}"
     assert widgets.fit_summary(_estimate(3, 20)) == (
-        "Peak 20.0 GiB (+0.5 GiB CUDA context): does not fit on T4 16 GB; fits on A100 40 GB, A100 80 GB, H100 80 GB"
+        "Peak 20.0 GiB (+0.75 GiB CUDA context): does not fit on T4 16 GB; fits on A100 40 GB, A100 80 GB, H100 80 GB"
     )
     assert (
-        widgets.fit_summary(_estimate(100, 1)) == f"Peak 100.0 GiB (+0.5 GiB CUDA context): does not fit on {ALL_GPUS}"
+        widgets.fit_summary(_estimate(100, 1)) == f"Peak 100.0 GiB (+0.75 GiB CUDA context): does not fit on {ALL_GPUS}"
     )
 
 
@@ -170,7 +170,7 @@ def test_plot_vram_stacks_the_terms_of_each_phase_under_the_relevant_gpus():
     assert sum(bar.get_height() for bar in ax.patches[:4]) == pytest.approx(sum(forward.values()) / GIB)
     assert [tick.get_text() for tick in ax.get_xticklabels()] == ["forward and backward", "optimizer step"]
     assert [line.get_label() for line in ax.get_lines()] == ["T4 16 GB"]  # the next GPU above the peak, no more
-    assert ax.get_lines()[0].get_ydata()[0] == pytest.approx((15_360 - 512) / 1024)
+    assert ax.get_lines()[0].get_ydata()[0] == pytest.approx((15_360 - 768) / 1024)
     assert [text.get_text() for text in ax.texts] == ["T4 16 GB"]
     assert ax.get_ylim()[1] > widgets.usable_gib("T4 16 GB") > estimate.peak / GIB
     legend = [text.get_text() for text in ax.get_legend().get_texts()]

@@ -50,9 +50,11 @@ TERMS = (
 #: GPU memory as nvidia-smi reports it (MiB), for "does it fit".
 GPUS = {"T4 16 GB": 15_360 * 2**20, "A100 40 GB": 40_960 * 2**20, "A100 80 GB": 81_920 * 2**20,
         "H100 80 GB": 81_559 * 2**20}  # fmt: skip
-#: A typical CUDA context (driver, cuBLAS and cuDNN handles, kernels): measured 0.3-0.8 GiB (0.75 on an H100 with
-#: torch 2.11); it is not allocated through PyTorch's allocator, so it is shown beside the estimate, never inside it.
-CUDA_CONTEXT_BYTES = 512 * 2**20
+#: A typical CUDA context (driver, cuBLAS and cuDNN handles, kernels), 0.75 GiB: a fresh process alone on an H200
+#: with torch 2.11 held 0.67-0.69 GiB beside what PyTorch reserved (benchmarks/results/memory_accuracy.json,
+#: first_reading.cuda_context_alone), an H100 0.75 GiB. It is not allocated through PyTorch's allocator, so it is
+#: shown beside the estimate, never inside it.
+CUDA_CONTEXT_BYTES = 768 * 2**20
 #: cuBLAS's workspace per handle and stream, PyTorch's default (``CUBLAS_WORKSPACE_CONFIG`` unset; ``parse
 #: ChosenWorkspaceSize`` in ATen's CublasHandlePool.cpp): 32 MiB on Hopper (sm90), ``:4096:2:16:8`` = 8 MiB + 128 KiB
 #: before it. ``Setup.gpu`` names the GPU; cuBLASLt shares the same workspace (``TORCH_CUBLASLT_UNIFIED_WORKSPACE``
