@@ -12,7 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tools"))
 import prose  # noqa: E402
 
-CHAPTERS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb")) + sorted(
+    (REPO / "notebooks" / "solutions").glob("[0-9][0-9]_*.ipynb")
+)
 
 
 def texts(markdown: str) -> list[str]:
@@ -87,6 +89,6 @@ def test_a_cited_record_that_does_not_exist_is_an_error(tmp_path):
         prose.unbacked(path)
 
 
-@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_figure_in_the_prose_is_backed(path):
     assert prose.unbacked(path) == []
