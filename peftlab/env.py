@@ -24,7 +24,7 @@ PROFILES = ("smoke", "full", "auto")
 DEVICES = ("cuda", "mps", "cpu")
 
 #: Packages whose versions the first cell of every notebook prints.
-REPORTED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "pandas")
+REPORTED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "numpy", "pandas")
 
 
 def resolve_profile(name: str | None = None) -> str:
