@@ -88,6 +88,45 @@ def test_generate_is_transformers_generate_token_for_token(settings, seed):
     assert ours.tolist() == theirs.tolist()
 
 
+BEAMS = [
+    GenerationSettings(max_new_tokens=10, num_beams=3),
+    GenerationSettings(max_new_tokens=10, num_beams=4, num_return_sequences=3, length_penalty=0.5),
+    GenerationSettings(max_new_tokens=10, num_beams=2, length_penalty=2.0, repetition_penalty=1.3, min_new_tokens=3),
+    GenerationSettings(max_new_tokens=10, do_sample=True, num_return_sequences=3, top_k=10),
+]
+
+
+@pytest.mark.parametrize("settings", BEAMS, ids=lambda s: f"beams={s.num_beams},n={s.num_return_sequences},"
+                         f"lp={s.length_penalty},sample={s.do_sample}")  # fmt: skip
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_beams_and_several_answers_are_transformers_generate(settings, seed):
+    """With a frequent end token (id 2 on a random model) so that beams finish at different lengths."""
+    model = models.tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight[2] += 0.4 * model.lm_head.weight[3:].std()  # make EOS likely enough to end some beams
+    prompt = torch.randint(3, model.config.vocab_size, (1, 5), generator=torch.Generator().manual_seed(seed))
+    torch.manual_seed(seed)
+    ours = generation.generate(model, prompt, settings, eos_token_id=2, pad_token_id=1)
+    torch.manual_seed(seed)
+    theirs = model.generate(prompt, attention_mask=torch.ones_like(prompt), eos_token_id=2, pad_token_id=1,
+                            **settings.hf_kwargs())  # fmt: skip
+    assert ours.tolist() == theirs.tolist()
+
+
+def test_beam_search_finds_a_likelier_answer_than_greedy():
+    model = models.tiny_model("llama", seed=3)
+    prompt = torch.tensor([[5, 6, 7]])
+
+    def log_probability(sequence: torch.Tensor) -> float:
+        with torch.no_grad():
+            logits = model(input_ids=sequence).logits[0, 2:-1].log_softmax(dim=-1)
+        return logits.gather(1, sequence[0, 3:, None]).sum().item()
+
+    greedy = generation.generate(model, prompt, GenerationSettings(max_new_tokens=6), eos_token_id=-1)
+    beams = generation.generate(model, prompt, GenerationSettings(max_new_tokens=6, num_beams=5), eos_token_id=-1)
+    assert log_probability(beams) >= log_probability(greedy) - 1e-6
+
+
 def test_sampling_settings_change_what_is_drawn():
     model = models.tiny_model("llama", seed=0)
     prompt = torch.tensor([[5, 6, 7]])
@@ -108,7 +147,10 @@ def test_generation_stops_at_the_end_token_and_refuses_bad_settings():
     assert stopped[0, 3:].tolist() == [first]
     for bad, words in [({"temperature": 0}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -1}, "top_k"),
                        ({"max_new_tokens": 0}, "max_new_tokens"), ({"min_new_tokens": 50}, "min_new_tokens"),
-                       ({"repetition_penalty": 0}, "repetition_penalty")]:  # fmt: skip
+                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"num_beams": 0}, "num_beams"),
+                       ({"num_beams": 2, "do_sample": True}, "not both"),
+                       ({"num_beams": 2, "num_return_sequences": 3}, "beams kept"),
+                       ({"num_return_sequences": 2}, "one answer")]:  # fmt: skip
         with pytest.raises(ValueError, match=words):
             GenerationSettings(**bad)
     with pytest.raises(ValueError, match="one prompt"):
