@@ -17,6 +17,10 @@ answer is the *margin*, and the share of pairs with a positive margin the *rewar
 every margin is 0 and the loss is log 2 ≈ 0.693. IPO (Azar et al., 2023) replaces the log-sigmoid by a squared
 distance to 1/(2β) of the per-token average log-ratio gap, which stays bounded when pairs are separable.
 
+RLHF's own route (Ouyang et al., 2022) trains a reward model on the pairs, then the policy against it with PPO
+(Schulman et al., 2017): :func:`ppo_clipped_objective` is its surrogate, whose clipping keeps each update near the
+policy that sampled the answers. DPO needs neither the reward model nor the sampling.
+
 Everything here follows trl 1.16's ``DPOTrainer`` (tested equal: tokens, batches, log-probabilities, losses and
 gradients): a conversational pair is tokenised through the chat template, the prompt with the generation prompt
 and each answer as the assistant's turn, the answers split off where the token ids diverge; a batch holds the
@@ -177,3 +181,16 @@ def dpo_loss_fn(beta: float = 0.1, loss_type: str = "sigmoid"):
         return result.loss, {"reward_accuracy": result.accuracy, "margin": result.margins.mean().item()}
 
     return loss_fn
+
+
+def ppo_clipped_objective(new_logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                          clip: float = 0.2) -> torch.Tensor:  # fmt: skip
+    """PPO's clipped surrogate, to be maximised: E[min(ρ A, clip(ρ, 1 − ε, 1 + ε) A)], ρ = π_new(a|s) / π_old(a|s).
+
+    Where the advantage A is positive the gain stops growing once ρ > 1 + ε; where it is negative, once ρ < 1 − ε:
+    the update has nothing to win by moving the policy further than ε from the one that sampled the actions.
+    """
+    if not 0 < clip < 1:
+        raise ValueError(f"clip={clip} must be in (0, 1): it bounds the ratio to [1 - clip, 1 + clip]")
+    ratio = torch.exp(new_logps - old_logps)
+    return torch.minimum(ratio * advantages, ratio.clamp(1 - clip, 1 + clip) * advantages).mean()

@@ -141,3 +141,18 @@ def test_bad_pairs_and_settings_are_refused(smollm2):
         align.dpo_loss_fn(loss_type="kto")
     with pytest.raises(ValueError, match="beta"):
         align.dpo_loss_fn(beta=0)
+
+
+def test_ppo_clips_the_ratio_on_the_side_the_advantage_pushes():
+    old = torch.log(torch.tensor([0.5, 0.5, 0.5, 0.5]))
+    new = torch.log(torch.tensor([0.8, 0.55, 0.2, 0.8]))  # ratios 1.6, 1.1, 0.4, 1.6
+    advantages = torch.tensor([2.0, 2.0, -1.0, -1.0])
+    # by hand, eps = 0.2: min(1.6*2, 1.2*2) = 2.4; min(1.1*2, 1.1*2) = 2.2; min(0.4*-1, 0.8*-1) = -0.8;
+    # min(1.6*-1, 1.2*-1) = -1.6 (a bad action made likelier is not clipped: the loss keeps pushing it back)
+    expected = (2.4 + 2.2 - 0.8 - 1.6) / 4
+    assert align.ppo_clipped_objective(new, old, advantages, clip=0.2).item() == pytest.approx(expected, rel=1e-6)
+    new.requires_grad_(True)
+    align.ppo_clipped_objective(new, old, advantages, clip=0.2).backward()
+    assert new.grad[0] == 0 and new.grad[2] == 0 and new.grad[1] > 0 and new.grad[3] < 0  # clipped: no gradient
+    with pytest.raises(ValueError, match="clip"):
+        align.ppo_clipped_objective(new, old, advantages, clip=1.5)
