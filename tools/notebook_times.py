@@ -2,6 +2,9 @@
 
     python tools/notebook_times.py measure    run every chapter and its solutions (smoke profile, one at a time,
                                               nothing else running), write notebooks/results/notebook_times.json
+    python tools/notebook_times.py from-junit FILE
+                                              the same record from a pytest junit file of the suite (nbval's
+                                              cells of each notebook, summed: the kernel's start is left out)
     python tools/notebook_times.py stamp      write each chapter's `| smoke |` timing row from that record
 
 The title cell of every chapter carries a table of the time it takes; the smoke row is the only one this machine
@@ -64,6 +67,32 @@ def measure() -> dict:
     return record
 
 
+def from_junit(path: Path) -> dict:
+    """The record from nbval's per-cell times in a junit file (``pytest --junitxml``), summed per notebook."""
+    import xml.etree.ElementTree as ElementTree
+
+    from peftlab import env
+
+    seconds: dict[str, float] = {}
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        name = case.get("classname", "")  # nbval: "notebooks.solutions.01_solutions.ipynb"
+        if name.endswith(".ipynb"):
+            notebook = name.removeprefix("notebooks.").removesuffix(".ipynb").replace(".", "/") + ".ipynb"
+            seconds[notebook] = seconds.get(notebook, 0.0) + float(case.get("time", 0))
+    if not seconds:
+        raise SystemExit(f"{path} holds no notebook cells: run the suite with --junitxml=FILE first")
+    record = {
+        "what": "time of each notebook's cells under nbval in one run of the whole suite (kernel start left out)",
+        "profile": "smoke",
+        "device": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
+        "date": date.today().isoformat(),
+        "versions": env.package_versions(),
+        "rows": [{"notebook": name, "seconds": round(value, 1)} for name, value in sorted(seconds.items())],
+    }
+    RECORD.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
 def smoke_row(seconds: float) -> str:
     return f"| smoke | {WHERE} | {round(seconds)} s (`results/notebook_times.json`) |"
 
@@ -84,6 +113,9 @@ def stamp() -> None:
 def main(argv: list[str]) -> int:
     if argv == ["measure"]:
         measure()
+        return 0
+    if len(argv) == 2 and argv[0] == "from-junit":
+        from_junit(Path(argv[1]))
         return 0
     if argv == ["stamp"]:
         stamp()
