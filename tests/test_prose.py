@@ -33,7 +33,7 @@ def test_names_versions_years_maths_code_rates_and_small_counts_are_not_figures(
     markdown = (
         "Llama-3.2-1B and SmolLM2-135M, r = 8 over 3 seeds and 12 layers, transformers 5.24 and peft 0.21.2 "
         "(Hu et al., 2021), `0.5 GiB` in code, $2.5\\Psi$ in maths, a rate of 2e-4 or 2·10⁻⁴, cell 01[28], "
-        "[the record](results/08_full.json)."
+        "[the record](results/08_full.json), section 1.3 and §4.2.\n### 1.2 Initialisation"
     )
     assert texts(markdown) == []
 

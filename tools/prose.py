@@ -82,6 +82,8 @@ EXEMPT_SPANS = [
     re.compile(r"\d+(?:\.\d+)?\s?·\s?10[⁻⁰¹²³⁴⁵⁶⁷⁸⁹]+"),  # 2·10⁻⁴
     re.compile(r"\d+(?:\.\d+)?[eE][-−+]?\d+"),  # 2e-4
     re.compile(r"\[\d+\]"),  # a cell index: 01[28]
+    re.compile(r"(?m)^#{1,6}[ \t]+\d+(?:\.\d+)*"),  # a heading's section number: "### 1.2 Initialisation"
+    re.compile(r"(?i)(?:\bsections?|§)[ \t]*\d+(?:\.\d+)*"),  # a reference to one: "section 1.3", "§4.2"
 ]
 RECORD_PATH = re.compile(r"(?:\.\./)?(?:results|benchmarks/results|data|tests)/[\w./-]+?\.json(?!\w)")
 
