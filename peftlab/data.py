@@ -530,6 +530,81 @@ def tokenize_instruction(tokenizer, row: dict, max_length: int = 256) -> dict[st
                                     max_length)  # fmt: skip
 
 
+def _conversation_spans(tokenizer, messages: list[dict]) -> tuple[list[int], list[tuple[int, int, int]]]:
+    """The conversation's token ids through the chat template, and each assistant answer's ``(start, end, turn_end)``.
+
+    An answer starts after the conversation before it with the assistant's header (``add_generation_prompt``) and
+    ends with its end of turn, the tokenizer's EOS (what the model must learn to emit to stop): ``[start, end)`` is
+    trained; the template's glue after it (a newline) runs to ``turn_end`` and is not. This needs only a template
+    that renders a conversation's start the same way whatever follows (prefix-preserving), not the ``{% generation
+    %}`` markers that ``return_assistant_tokens_mask`` needs.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(
+            f"{type(tokenizer).__name__} has no chat template: use an instruction-tuned tokenizer, or set "
+            "tokenizer.chat_template before formatting conversations."
+        )
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and {"role", "content"} <= set(m) for m in messages
+    ):
+        raise DataError(f"A conversation is a list of {{'role', 'content'}} turns; got {messages!r:.200}")
+    answers = [index for index, message in enumerate(messages) if message["role"] == "assistant"]
+    if not answers:
+        raise DataError(f"The conversation has no assistant turn, so nothing would be trained: {messages!r:.200}")
+    if any(not str(messages[index]["content"]).strip() for index in answers):
+        raise DataError(f"An assistant turn is empty: nothing to train there. {messages!r:.200}")
+
+    def ids(turns: list[dict], **kwargs) -> list[int]:
+        return list(tokenizer.apply_chat_template(turns, tokenize=True, return_dict=True, **kwargs)["input_ids"])
+
+    full = ids(messages)
+    spans = []
+    for index in answers:
+        prompt, through = ids(messages[:index], add_generation_prompt=True), ids(messages[: index + 1])
+        if through[: len(prompt)] != prompt or full[: len(through)] != through:
+            raise DataError(
+                "The chat template renders the start of a conversation differently when more follows (it is not "
+                "prefix-preserving), so the answers cannot be found by their position."
+            )
+        answer = through[len(prompt) :]
+        eos = tokenizer.eos_token_id
+        trained = len(answer) - answer[::-1].index(eos) if eos in answer else len(answer)
+        spans.append((len(prompt), len(prompt) + trained, len(through)))
+    return full, spans
+
+
+def _trained(ids: list[int], spans: list[tuple[int, int]], max_length: int | None) -> dict[str, list[int]]:
+    if max_length is not None and len(ids) > max_length:
+        raise DataError(
+            f"The conversation is {len(ids)} tokens, over max_length={max_length}, and cutting it would cut an "
+            "answer or its end of turn: raise max_length, or shorten or split the conversation."
+        )
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in spans:
+        labels[start:end] = ids[start:end]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
+
+
+def tokenize_conversation(tokenizer, messages: list[dict], max_length: int | None = None) -> dict[str, list[int]]:
+    """One sample per conversation, every assistant answer trained (Q1 A1 Q2 A2 ...: A1 and A2 in the loss).
+
+    Labels are the ids on each answer and its end of turn, ``IGNORE_INDEX`` elsewhere (system and user turns, the
+    assistant's headers). A conversation longer than ``max_length`` is refused, never cut.
+    """
+    ids, spans = _conversation_spans(tokenizer, messages)
+    return _trained(ids, [(start, end) for start, end, _ in spans], max_length)
+
+
+def tokenize_conversation_per_turn(tokenizer, messages: list[dict], max_length: int | None = None) -> list[dict]:
+    """One sample per assistant turn: Q1 A1, then Q1 A1 Q2 A2, ..., each training only its last answer.
+
+    The earlier answers are context there. For T answers this costs about T/2 times the tokens of
+    :func:`tokenize_conversation`, whose one causal sample trains every answer at once on the same context.
+    """
+    ids, spans = _conversation_spans(tokenizer, messages)
+    return [_trained(ids[:turn_end], [(start, end)], max_length) for start, end, turn_end in spans]
+
+
 def tokenize_classification(tokenizer, rows: list[dict], max_length: int = 64) -> list[dict]:
     """Encoder inputs for ``{"text", "label"}`` rows: ids, attention mask and the class index."""
     encoded = tokenizer([row["text"] for row in rows], truncation=True, max_length=max_length)

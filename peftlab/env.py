@@ -12,9 +12,11 @@ Choose with the environment variable ``PEFTLAB_PROFILE``; choose the device with
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 import platform
 import random
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +26,7 @@ PROFILES = ("smoke", "full", "auto")
 DEVICES = ("cuda", "mps", "cpu")
 
 #: Packages whose versions the first cell of every notebook prints.
-REPORTED_PACKAGES = ("torch", "transformers", "peft", "accelerate", "numpy", "pandas")
+REPORTED_PACKAGES = ("torch", "transformers", "peft", "trl", "accelerate", "numpy", "pandas")
 
 
 def resolve_profile(name: str | None = None) -> str:
@@ -104,8 +106,26 @@ class Run:
         return full if self.is_full else smoke
 
 
+#: What the reference libraries print on every run that says nothing to a learner, each matched exactly:
+#: peft calls transformers' renamed ``is_gradient_checkpointing`` (a FutureWarning from inside peft, on every
+#: ``get_peft_model``); bitsandbytes looks for a CPU kernel on the Hub at import, logs a warning when it cannot
+#: reach it, and uses its own code instead.
+LIBRARY_NOISE_WARNINGS = (r"`is_gradient_checkpointing` is deprecated",)
+LIBRARY_NOISE_LOGGERS = ("bitsandbytes.backends.cpu.ops",)
+
+
+def quiet_library_noise() -> None:
+    """Hide :data:`LIBRARY_NOISE_WARNINGS` and :data:`LIBRARY_NOISE_LOGGERS`, and nothing else."""
+    for message in LIBRARY_NOISE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+    for name in LIBRARY_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def setup(seed: int = 0, profile: str | None = None, device: str | None = None, verbose: bool = True) -> Run:
-    """The first cell of every notebook: resolve profile and device, seed, and print the versions."""
+    """The first cell of every notebook: resolve profile and device, seed, print the versions, and hide what the
+    reference libraries print that says nothing to a learner (:func:`quiet_library_noise`)."""
+    quiet_library_noise()
     run = Run(profile=resolve_profile(profile), device=resolve_device(device), seed=seed)
     seed_everything(seed)
     if verbose:

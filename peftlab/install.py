@@ -24,7 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 #: The libraries whose behaviour the notebooks depend on: on Colab they are installed at exactly the tested release.
-COLAB_PINNED = ("transformers", "peft", "accelerate", "safetensors", "tokenizers", "huggingface-hub", "gguf",
+COLAB_PINNED = ("transformers", "peft", "trl", "accelerate", "safetensors", "tokenizers", "huggingface-hub", "gguf",
                 "bitsandbytes")  # fmt: skip
 _PIN = re.compile(r"^(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[A-Za-z0-9.+!_-]+)$")
 

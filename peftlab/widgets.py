@@ -6,9 +6,12 @@ Every widget is a thin shell around pure functions, which the tests call directl
 * :func:`parameter_report` / :func:`plot_parameters` — trainable parameters of a method on a real architecture
   (built on the meta device, so a 8 B model costs no memory);
 * :func:`vram_report` / :func:`plot_vram` / :func:`fit_summary` — :func:`peftlab.memory.estimate` for the same
-  choices, drawn as the two phases of a training step against the memory of common GPUs.
+  choices, drawn as the two phases of a training step against the memory of common GPUs;
+* :func:`next_token_table` / :func:`plot_next_tokens` — a language model's next-token distribution before and
+  after the decoding settings of :mod:`peftlab.generation`.
 
-:func:`parameter_explorer` and :func:`vram_explorer` put dropdowns and sliders over them. A combination that
+:func:`parameter_explorer`, :func:`vram_explorer` and :func:`next_token_explorer` put dropdowns and sliders over
+them. A combination that
 cannot work (BitFit on a model without biases, a rank larger than a layer, a family the estimator does not cover
 yet) shows its message in the explorer's summary line instead of a traceback.
 """
@@ -25,9 +28,10 @@ from typing import Any
 
 import ipywidgets as widgets
 import pandas as pd
+import torch
 from torch import nn
 
-from peftlab import memory, models
+from peftlab import generation, memory, models
 from peftlab.families import family_of
 from peftlab.methods import METHOD_NAMES, REGISTRY, apply_method, default_config
 from peftlab.methods.targets import ALL_LINEAR
@@ -289,6 +293,8 @@ class Explorer(widgets.VBox):
         return chosen
 
     def _show_knobs(self) -> None:
+        if "method" not in self.controls:
+            return
         wanted = KNOBS[self.controls["method"].value]
         for name in KNOB_CONTROLS:
             if name in self.controls:
@@ -299,12 +305,12 @@ class Explorer(widgets.VBox):
             return
         self._busy = True  # the updates below change other controls: recompute once, at the end
         try:
-            if change["owner"] is self.controls["architecture"]:
+            if change["owner"] is self.controls.get("architecture"):
                 slider = self.controls["trainable_layers"]
                 layers = models.architecture_config(change["new"]).num_hidden_layers
                 slider.value = min(slider.value, layers)
                 slider.max = layers
-            if change["owner"] is self.controls["method"]:
+            if change["owner"] is self.controls.get("method"):
                 self._show_knobs()
         finally:
             self._busy = False
@@ -418,3 +424,65 @@ def vram_explorer(architecture: str = "llama-3-8b", setup: memory.Setup = DEFAUL
         )
 
     return Explorer(controls, rows, compute, _vram_summary, lambda e, ax: plot_vram(e.result, ax=ax))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The next-token distribution under the decoding settings
+# ----------------------------------------------------------------------------------------------------------------
+def next_token_table(tokenizer, logits: torch.Tensor, input_ids: torch.Tensor, settings: generation.GenerationSettings,
+                     top: int = 12) -> pd.DataFrame:  # fmt: skip
+    """The ``top`` likeliest next tokens: p under the model as it is, and p after ``settings`` (what sampling
+    draws from: :func:`peftlab.generation.next_token_scores`, then softmax). Logits of one position, shape 1 × V."""
+    before = logits.float().softmax(dim=-1)[0]
+    after = generation.next_token_scores(logits, input_ids, 0, settings, []).softmax(dim=-1)[0]
+    order = torch.argsort(before, descending=True)[:top].tolist()
+    return pd.DataFrame({"token": [repr(tokenizer.decode([i])) for i in order], "p model": before[order].tolist(),
+                         "p sampled": after[order].tolist()})  # fmt: skip
+
+
+def plot_next_tokens(table: pd.DataFrame, ax=None):
+    """Two bars per token: its probability under the model, and after the settings."""
+    import matplotlib.pyplot as plt
+
+    ax = ax or plt.figure(figsize=(7.5, 4.5), layout="constrained").add_subplot()
+    rows = range(len(table))
+    ax.barh([r + 0.2 for r in rows], table["p model"], height=0.4, label="model", color="#9e9e9e")
+    ax.barh([r - 0.2 for r in rows], table["p sampled"], height=0.4, label="after the settings", color="#1f77b4")
+    ax.set_yticks(list(rows), table["token"])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("probability of the next token")
+    ax.legend(loc="lower right")
+    return ax
+
+
+def next_token_explorer(model, tokenizer, prompt: str, top: int = 12) -> Explorer:
+    """Sliders for temperature, top-k, top-p and the repetition penalty over the next-token distribution of
+    ``prompt`` (one forward pass; every change re-applies the settings only)."""
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=input_ids).logits[:, -1]
+    controls = {
+        "temperature": widgets.FloatSlider(
+            value=1.0, min=0.1, max=2.0, step=0.05, description="temperature", style=_STYLE
+        ),
+        "top_k": widgets.IntSlider(value=0, min=0, max=50, description="top-k (0 = off)", style=_STYLE),
+        "top_p": widgets.FloatSlider(value=1.0, min=0.05, max=1.0, step=0.05, description="top-p", style=_STYLE),
+        "repetition_penalty": widgets.FloatSlider(
+            value=1.0, min=1.0, max=2.0, step=0.05, description="repetition penalty", style=_STYLE
+        ),
+    }
+
+    def compute(explorer: Explorer) -> pd.DataFrame:
+        settings = generation.GenerationSettings(do_sample=True, **explorer.values)
+        return next_token_table(tokenizer, logits, input_ids, settings, top)
+
+    def describe(explorer: Explorer) -> str:
+        table = explorer.result
+        kept = int((table["p sampled"] > 0).sum())
+        return (f"After <b>{html.escape(prompt[-60:], quote=False)}</b>: {kept} of the {len(table)} likeliest tokens "
+                f"can be drawn; the first has p = {table['p sampled'].iloc[0]:.2f} (the model: "
+                f"{table['p model'].iloc[0]:.2f})")  # fmt: skip
+
+    rows = [["temperature", "top_k"], ["top_p", "repetition_penalty"]]
+    return Explorer(controls, rows, compute, describe, lambda e, ax: plot_next_tokens(e.result, ax=ax))

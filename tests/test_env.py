@@ -57,3 +57,20 @@ def test_missing_package_is_reported_not_raised():
     versions = env.package_versions(("torch", "surely-not-installed-package"))
     assert versions["surely-not-installed-package"] == "not installed"
     assert versions["torch"] == torch.__version__
+
+
+def test_setup_hides_the_known_library_noise_and_nothing_else(monkeypatch):
+    import logging
+    import warnings
+
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))  # restored after the test
+    logger = logging.getLogger("bitsandbytes.backends.cpu.ops")
+    monkeypatch.setattr(logger, "level", logger.level)
+    env.setup(verbose=False)
+    assert logger.getEffectiveLevel() == logging.ERROR
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        env.quiet_library_noise()
+        warnings.warn("`is_gradient_checkpointing` is deprecated (...)", FutureWarning, stacklevel=1)
+        warnings.warn("`past_key_values` is deprecated", FutureWarning, stacklevel=1)  # about the learner's code
+    assert [str(w.message) for w in caught] == ["`past_key_values` is deprecated"]

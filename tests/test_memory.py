@@ -238,3 +238,18 @@ def test_unknown_architecture_and_too_large_rank():
         memory.estimate("llama-9b")
     with pytest.raises(ValueError, match="larger than"):
         memory.estimate("smollm2-135m", memory.Setup(method="lora", method_config=lora.LoRAConfig(r=4096)))
+
+
+def test_eight_bit_adam_states_are_what_bitsandbytes_allocates():
+    import bitsandbytes as bnb
+
+    from peftlab.memory.bytes import optimizer_state_bytes
+
+    weight = torch.nn.Parameter(torch.randn(300, 100))  # 30,000 elements: above min_8bit_size, 118 blocks of 256
+    optimizer = bnb.optim.AdamW8bit([weight], lr=1e-3)
+    weight.grad = torch.randn_like(weight)
+    optimizer.step()
+    state = optimizer.state[weight]
+    kept = ("state1", "state2", "absmax1", "absmax2")  # the two 256-entry code books are shared, not per parameter
+    allocated = sum(state[key].numel() * state[key].element_size() for key in kept)
+    assert optimizer_state_bytes(weight.numel(), "adamw-8bit", "bf16-mixed") == allocated == 2 * 30_000 + 2 * 4 * 118

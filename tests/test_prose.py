@@ -92,3 +92,12 @@ def test_a_cited_record_that_does_not_exist_is_an_error(tmp_path):
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name)
 def test_every_figure_in_the_prose_is_backed(path):
     assert prose.unbacked(path) == []
+
+
+def test_digits_of_checksums_addresses_and_versions_back_nothing(tmp_path):
+    record = {"md5": "0871abc", "url": "https://example.org/v0871/file", "versions": {"torch": "2.13.0"},
+              "note": "measured 1,115,394 characters at 0.5 s"}  # fmt: skip
+    path = tmp_path / "record.json"
+    path.write_text(json.dumps(record))
+    numbers = np.concatenate(list(prose.record_numbers(path).values()))
+    assert sorted(numbers.tolist()) == [0.5, 1_115_394.0]

@@ -3,6 +3,7 @@ and the widgets recompute their summary line on every change (or show a sentence
 
 import ipywidgets
 import pytest
+import torch
 
 from peftlab import memory, models, widgets
 from peftlab.methods import lora
@@ -290,3 +291,44 @@ def test_vram_explorer_shows_errors_as_sentences(monkeypatch):
     monkeypatch.setattr(memory, "estimate", bug)
     explorer.refresh()
     assert "Unexpected RuntimeError (please report it): boom" in explorer.summary.value
+
+
+@pytest.fixture(scope="module")
+def tiny_lm():
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {f"t{i}": i for i in range(models.tiny_model("llama").config.vocab_size)}
+    words = Tokenizer(tokenizer_models.WordLevel(vocabulary, "t0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()  # "t5 t6 t7" -> [5, 6, 7]
+    return models.tiny_model("llama", seed=0), PreTrainedTokenizerFast(tokenizer_object=words)
+
+
+def test_the_next_token_table_is_the_sampler_s_distribution(tiny_lm):
+    from peftlab import generation
+
+    model, tokenizer = tiny_lm
+    input_ids = torch.tensor([[5, 6, 7]])
+    logits = model(input_ids=input_ids).logits[:, -1].detach()
+    settings = generation.GenerationSettings(do_sample=True, temperature=0.5, top_k=5)
+    table = widgets.next_token_table(tokenizer, logits, input_ids, settings, top=8)
+    expected = generation.next_token_scores(logits, input_ids, 0, settings, []).softmax(dim=-1)[0]
+    order = torch.argsort(logits[0], descending=True)[:8]
+    assert table["p sampled"].tolist() == pytest.approx(expected[order].tolist())
+    assert (table["p sampled"] > 0).sum() == 5 and table["p sampled"].sum() == pytest.approx(1.0)
+    assert table["p model"].tolist() == pytest.approx(logits.softmax(dim=-1)[0, order].tolist())
+
+
+def test_next_token_explorer_follows_its_sliders(tiny_lm):
+    model, tokenizer = tiny_lm
+    explorer = widgets.next_token_explorer(model, tokenizer, "t5 t6 t7", top=10)
+    assert (explorer.result["p sampled"] > 0).sum() == 10 and explorer.error is None
+    explorer.controls["top_k"].value = 1
+    assert (explorer.result["p sampled"] > 0).sum() == 1 and explorer.result["p sampled"].iloc[0] == 1.0
+    assert "1 of the 10" in explorer.summary.value
+    explorer.controls["top_k"].value = 0
+    explorer.controls["temperature"].value = 0.1
+    sharp = explorer.result["p sampled"].iloc[0]
+    explorer.controls["temperature"].value = 2.0
+    assert explorer.result["p sampled"].iloc[0] < sharp and len(explorer.figure.axes[0].containers) == 2

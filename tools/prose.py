@@ -33,8 +33,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 
 #: Units after which any number is a figure, with the factors that turn a record's value into that unit.
-BYTES = {"GB": (1e-9,), "GiB": (2**-30,), "MB": (1e-6,), "MiB": (2**-20,), "KB": (1e-3,), "KiB": (2**-10,),
-         "TB": (1e-12,), "TiB": (2**-40,), "bytes": (1.0,), "B/param": (1.0,)}  # fmt: skip
+#: (A record may hold bytes, or a figure already in the unit, under a key such as "peak (MiB)": factor 1.)
+BYTES = {"GB": (1e-9, 1.0), "GiB": (2**-30, 1.0), "MB": (1e-6, 1.0), "MiB": (2**-20, 1.0), "KB": (1e-3, 1.0),
+         "KiB": (2**-10, 1.0), "TB": (1e-12, 1.0), "TiB": (2**-40, 1.0), "bytes": (1.0,),
+         "B/param": (1.0,)}  # fmt: skip
 SCALES = {
     **BYTES,
     "%": (100.0, 1.0),
@@ -129,6 +131,12 @@ def cited_records(notebook_path: Path, markdown: str) -> dict[str, Path]:
     return found
 
 
+#: Keys whose text holds digits that are not figures (a checksum, an address).
+NOT_FIGURES = {"md5", "sha256", "url", "urls", "commit", "peftlab_commit"}
+#: A number inside a record's text that stands alone: "1,115,394 characters", not the digits of "a3f90c" or "5.17.0".
+STANDALONE_NUMBER = re.compile(r"(?<![\w.,])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?![\w.]|,\d)")
+
+
 def record_numbers(path: Path) -> dict[str, np.ndarray]:
     """Every number a JSON record holds (booleans left out), grouped by the key it stands under."""
     groups: dict[str, list[float]] = {}
@@ -144,8 +152,8 @@ def record_numbers(path: Path) -> dict[str, np.ndarray]:
         elif isinstance(node, list):
             for value in node:
                 walk(value, key)
-        elif isinstance(node, str):
-            for number in re.findall(r"\d[\d,]*(?:\.\d+)?", node):
+        elif isinstance(node, str) and key.lower() not in NOT_FIGURES:
+            for number in STANDALONE_NUMBER.findall(node):
                 groups.setdefault(key, []).append(float(number.replace(",", "")))
 
     walk(json.loads(path.read_text()), "")

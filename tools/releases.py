@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -38,6 +39,8 @@ CONSTRAINTS = REPO / "constraints.txt"
 RECORD = REPO / "tests" / "latest_releases.json"
 LATEST_VENV = REPO / ".venv-latest"
 EXTRAS = ("lab", "test")
+#: A terminal colour code, as nbval writes it and as pytest's junit file escapes it
+ANSI_COLOUR = re.compile(r"(?:\x1b|#x1B)\[[0-9;]*m")
 #: Not pinned: torch follows TORCH_SPEC; the packaging tools belong to the environment.
 UNPINNED = {"torch", "pip", "setuptools", "wheel"}
 HEADER = """\
@@ -146,7 +149,7 @@ def junit_outcomes(path: Path) -> dict:
         for kind in ("failure", "error"):
             element = case.find(kind)
             if element is not None:
-                message = (element.get("message") or element.text or "").strip().splitlines()
+                message = ANSI_COLOUR.sub("", element.get("message") or element.text or "").strip().splitlines()
                 failing.append({"test": test, "kind": kind, "first_error_line": message[0] if message else ""})
         skipped = case.find("skipped")
         if skipped is not None and skipped.get("type") == "pytest.xfail":

@@ -81,9 +81,12 @@ def parameter_bytes(precision: str) -> int:
 
 def optimizer_state_bytes(trainable: int, optimizer: str, precision: str) -> int:
     """States per trainable parameter: AdamW m and v; momentum one; AdaGrad and RMSprop one running sum;
-    8-bit Adam two 1-byte states plus an fp32 absmax per block of 2048 per state (Dettmers et al., 2022)."""
+    8-bit Adam (Dettmers et al., 2022) two 1-byte states plus an fp32 absmax per block of 256 per state, as
+    bitsandbytes allocates them (the paper's blocks were 2048): 2 + 8/256 bytes per parameter. bitsandbytes keeps
+    32-bit states for tensors under ``min_8bit_size`` (4,096) elements, which this count, taking the total only,
+    does not see (a bias or a norm's weight: a few kB)."""
     if optimizer == "adamw-8bit":
-        return 2 * trainable + 2 * 4 * math.ceil(trainable / 2048)
+        return 2 * trainable + 2 * 4 * math.ceil(trainable / 256)
     return STATES_PER_PARAMETER[optimizer] * parameter_bytes(precision) * trainable
 
 
