@@ -46,8 +46,6 @@ def execute(path: Path) -> float:
 
 
 def measure() -> dict:
-    from peftlab import env
-
     if os.environ.get("PEFTLAB_PROFILE") != "smoke":
         raise SystemExit("Set PEFTLAB_PROFILE=smoke: the record holds the smoke profile's times.")
     rows = []
@@ -55,14 +53,15 @@ def measure() -> dict:
         seconds = execute(path)
         rows.append({"notebook": path.relative_to(NOTEBOOKS).as_posix(), "seconds": round(seconds, 1)})
         print(f"{rows[-1]['notebook']}: {seconds:.0f} s", flush=True)
-    record = {
-        "what": "wall time of each notebook run top to bottom in a fresh kernel, one at a time",
-        "profile": "smoke",
-        "device": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
-        "date": date.today().isoformat(),
-        "versions": env.package_versions(),
-        "rows": rows,
-    }
+    return write_record("wall time of each notebook run top to bottom in a fresh kernel, one at a time", rows)
+
+
+def write_record(what: str, rows: list[dict]) -> dict:
+    """The record: what was timed, on which machine, with which versions, and one row per notebook."""
+    from peftlab import env
+
+    record = {"what": what, "profile": "smoke", "device": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
+              "date": date.today().isoformat(), "versions": env.package_versions(), "rows": rows}  # fmt: skip
     RECORD.write_text(json.dumps(record, indent=1) + "\n")
     return record
 
@@ -70,8 +69,6 @@ def measure() -> dict:
 def from_junit(path: Path) -> dict:
     """The record from nbval's per-cell times in a junit file (``pytest --junitxml``), summed per notebook."""
     import xml.etree.ElementTree as ElementTree
-
-    from peftlab import env
 
     seconds: dict[str, float] = {}
     for case in ElementTree.parse(path).getroot().iter("testcase"):
@@ -81,16 +78,9 @@ def from_junit(path: Path) -> dict:
             seconds[notebook] = seconds.get(notebook, 0.0) + float(case.get("time", 0))
     if not seconds:
         raise SystemExit(f"{path} holds no notebook cells: run the suite with --junitxml=FILE first")
-    record = {
-        "what": "time of each notebook's cells under nbval in one run of the whole suite (kernel start left out)",
-        "profile": "smoke",
-        "device": f"CPU, {os.cpu_count()} cores ({platform.machine()})",
-        "date": date.today().isoformat(),
-        "versions": env.package_versions(),
-        "rows": [{"notebook": name, "seconds": round(value, 1)} for name, value in sorted(seconds.items())],
-    }
-    RECORD.write_text(json.dumps(record, indent=1) + "\n")
-    return record
+    rows = [{"notebook": name, "seconds": round(value, 1)} for name, value in sorted(seconds.items())]
+    return write_record("time of each notebook's cells under nbval in one run of the whole suite (kernel start "
+                        "left out)", rows)  # fmt: skip
 
 
 def smoke_row(seconds: float) -> str:
