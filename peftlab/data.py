@@ -508,19 +508,19 @@ def tokenize_prompt_response(tokenizer, prompt: str, response: str, max_length: 
 
     The labels copy the ids, with the prompt's positions set to ``IGNORE_INDEX`` (-100), so that the loss
     ``-Σ log p(response_t | prompt, response_<t)`` counts the answer and never the question. Prompt and response
-    are tokenised apart so that the boundary is exact. Truncation keeps the start (``max_length`` tokens): a
-    response cut there loses its end and its EOS, so choose ``max_length`` above the longest example; a prompt that
-    leaves no room for any of the answer is refused.
+    are tokenised apart so that the boundary is exact. An example longer than ``max_length`` is refused, never cut:
+    cutting would drop the end of the answer and its EOS, and the model would learn answers that never stop.
     """
     prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    if len(prompt_ids) >= max_length:
+    if len(prompt_ids) + len(response_ids) > max_length:
         raise DataError(
-            f"The prompt is {len(prompt_ids)} tokens, and max_length={max_length} leaves no room for the answer: "
-            "nothing would be trained (the loss would be NaN). Raise max_length, or shorten or drop the example."
+            f"The example is {len(prompt_ids)} prompt + {len(response_ids)} answer tokens (with the EOS), over "
+            f"max_length={max_length}; cutting it would cut the answer and its end. Raise max_length, or shorten or "
+            "drop the example."
         )
-    input_ids = (prompt_ids + response_ids)[:max_length]
-    labels = ([IGNORE_INDEX] * len(prompt_ids) + response_ids)[:max_length]
+    input_ids = prompt_ids + response_ids
+    labels = [IGNORE_INDEX] * len(prompt_ids) + response_ids
     return {"input_ids": input_ids, "attention_mask": [1] * len(input_ids), "labels": labels}
 
 

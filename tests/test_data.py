@@ -213,16 +213,17 @@ def test_label_masking_trains_on_the_answer_only(chat_tokenizer):
     assert "Translate to French.\n\nGood morning" in prompt and prompt.rstrip().endswith("assistant")
 
 
-def test_truncation_keeps_the_start_and_stays_aligned(chat_tokenizer):
+def test_an_example_longer_than_max_length_is_refused_never_cut(chat_tokenizer):
     row = {"instruction": "Count.", "input": "", "output": " ".join(map(str, range(200)))}
-    example = data.tokenize_instruction(chat_tokenizer, row, max_length=48)
-    assert len(example["input_ids"]) == len(example["labels"]) == len(example["attention_mask"]) == 48
-    assert example["labels"][-1] != data.IGNORE_INDEX  # some of the answer is trained
+    with pytest.raises(data.DataError, match=r"over max_length=48; cutting it would cut the answer"):
+        data.tokenize_instruction(chat_tokenizer, row, max_length=48)
+    whole = data.tokenize_instruction(chat_tokenizer, row, max_length=1024)
+    assert whole["input_ids"][-1] == whole["labels"][-1] == chat_tokenizer.eos_token_id  # it ends with its EOS
 
 
 def test_a_prompt_that_leaves_no_room_for_the_answer_is_refused(chat_tokenizer):
     row = {"instruction": "Count.", "input": "", "output": "1 2 3"}
-    with pytest.raises(data.DataError, match=r"The prompt is \d+ tokens, and max_length=16 leaves no room"):
+    with pytest.raises(data.DataError, match=r"over max_length=16"):
         data.tokenize_instruction(chat_tokenizer, row, max_length=16)
 
 
