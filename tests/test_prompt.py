@@ -163,8 +163,11 @@ def test_text_init_copies_the_word_embeddings_of_the_text(n, expected_ids):
 
 
 def test_an_init_text_longer_than_the_prompt_is_refused_where_peft_cuts_it(tmp_path):
-    with pytest.raises(ValueError, match=r"3 tokens long, more than the 2 virtual tokens: its last 1 tokens would be "
-                                         r"dropped \(peft drops them silently\)\. .* num_virtual_tokens=3"):
+    with pytest.raises(
+        ValueError,
+        match=r"3 tokens long, more than the 2 virtual tokens: its last 1 tokens would be "
+        r"dropped \(peft drops them silently\)\. .* num_virtual_tokens=3",
+    ):
         prompt.PromptTuningConfig.from_text("classify the sentiment", word_level_tokenizer(), 2)
     with pytest.raises(ValueError, match="more than the 1 virtual tokens"):
         prompt.PromptTuningConfig(1, init="text", init_text="two tokens", init_token_ids=(1, 2))

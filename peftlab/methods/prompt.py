@@ -65,8 +65,8 @@ class PromptTuningConfig:
     ``init``: ``"random"`` (uniform in [-0.5, 0.5]), ``"vocab"`` (embeddings of random vocabulary tokens) or
     ``"text"`` (the embeddings of ``init_token_ids``, the tokens of ``init_text``: build it with
     :meth:`from_text`; a shorter text is repeated to ``n`` tokens, as peft does; a longer one is refused, where
-    peft keeps its first ``n`` tokens without a word). ``train_head``: train a classifier's head (``classifier`` / ``score``) too; ``None`` (the default)
-    does where there is one, as every method does.
+    peft keeps its first ``n`` tokens without a word). ``train_head``: train a classifier's head (``classifier`` /
+    ``score``) too; ``None`` (the default) does where there is one, as every method does.
     """
 
     num_virtual_tokens: int = 20
