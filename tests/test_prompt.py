@@ -153,13 +153,32 @@ def word_level_tokenizer() -> PreTrainedTokenizerFast:
 
 
 @pytest.mark.parametrize(
-    ("n", "expected_ids"), [(7, [1, 2, 3, 1, 2, 3, 1]), (2, [1, 2])], ids=["repeated", "cut"]
+    ("n", "expected_ids"), [(7, [1, 2, 3, 1, 2, 3, 1]), (3, [1, 2, 3])], ids=["repeated", "exact"]
 )  # fmt: skip
 def test_text_init_copies_the_word_embeddings_of_the_text(n, expected_ids):
     base = models.tiny_model("llama")
     config = prompt.PromptTuningConfig.from_text("classify the sentiment", word_level_tokenizer(), n)
     model = prompt.apply(base, config)
     assert_close(model.soft_prompt.data, base.get_input_embeddings().weight[expected_ids], atol=0, rtol=0)
+
+
+def test_an_init_text_longer_than_the_prompt_is_refused_where_peft_cuts_it(tmp_path):
+    with pytest.raises(
+        ValueError,
+        match=r"3 tokens long, more than the 2 virtual tokens: its last 1 tokens would be "
+        r"dropped \(peft drops them silently\)\. .* num_virtual_tokens=3",
+    ):
+        prompt.PromptTuningConfig.from_text("classify the sentiment", word_level_tokenizer(), 2)
+    with pytest.raises(ValueError, match="more than the 1 virtual tokens"):
+        prompt.PromptTuningConfig(1, init="text", init_text="two tokens", init_token_ids=(1, 2))
+    # what is refused: peft keeps the text's first n tokens ("classify the") and drops "sentiment" without a word
+    word_level_tokenizer().save_pretrained(tmp_path)
+    base = models.tiny_model("llama")
+    theirs = peft.get_peft_model(base, peft.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=2, prompt_tuning_init="TEXT",
+        prompt_tuning_init_text="classify the sentiment", tokenizer_name_or_path=str(tmp_path)))  # fmt: skip
+    their_prompt = theirs.prompt_encoder["default"].embedding.weight
+    assert_close(their_prompt.data, base.get_input_embeddings().weight[[1, 2]], atol=0, rtol=0)
 
 
 def test_vocab_init_copies_rows_of_the_vocabulary():

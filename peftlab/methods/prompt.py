@@ -64,9 +64,9 @@ class PromptTuningConfig:
 
     ``init``: ``"random"`` (uniform in [-0.5, 0.5]), ``"vocab"`` (embeddings of random vocabulary tokens) or
     ``"text"`` (the embeddings of ``init_token_ids``, the tokens of ``init_text``: build it with
-    :meth:`from_text`; a text of more tokens than the prompt is cut to its first ``n``, a shorter one repeated, as
-    peft does). ``train_head``: train a classifier's head (``classifier`` / ``score``) too; ``None`` (the default)
-    does where there is one, as every method does.
+    :meth:`from_text`; a shorter text is repeated to ``n`` tokens, as peft does; a longer one is refused, where
+    peft keeps its first ``n`` tokens without a word). ``train_head``: train a classifier's head (``classifier`` /
+    ``score``) too; ``None`` (the default) does where there is one, as every method does.
     """
 
     num_virtual_tokens: int = 20
@@ -88,6 +88,13 @@ class PromptTuningConfig:
             raise ValueError(f'init_text is only read with init="text", but init={self.init!r}: set init="text".')
         if self.init_token_ids is not None:
             object.__setattr__(self, "init_token_ids", tuple(int(i) for i in self.init_token_ids))
+            if len(self.init_token_ids) > self.num_virtual_tokens:
+                raise ValueError(
+                    f"init_text is {len(self.init_token_ids)} tokens long, more than the {self.num_virtual_tokens} "
+                    f"virtual tokens: its last {len(self.init_token_ids) - self.num_virtual_tokens} tokens would be "
+                    f"dropped (peft drops them silently). Shorten the text or use num_virtual_tokens="
+                    f"{len(self.init_token_ids)}."
+                )
 
     @classmethod
     def from_text(cls, text: str, tokenizer, num_virtual_tokens: int = 20, **fields) -> PromptTuningConfig:
