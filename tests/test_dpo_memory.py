@@ -8,7 +8,8 @@ from peftlab import memory
 def test_a_pair_batch_is_two_sequences_per_pair_and_sharing_adds_no_bytes():
     plain = memory.estimate("smollm2-135m", memory.Setup(method="lora", batch_size=8, seq_len=256))
     doubled = memory.estimate("smollm2-135m", memory.Setup(method="lora", batch_size=16, seq_len=256))
-    shared = memory.estimate("smollm2-135m", memory.Setup(method="lora", batch_size=8, seq_len=256, preference="shared"))
+    pairs = memory.Setup(method="lora", batch_size=8, seq_len=256, preference="shared")
+    shared = memory.estimate("smollm2-135m", pairs)
     assert shared.breakdown == doubled.breakdown  # 8 pairs = 16 sequences through the policy; the reference is free
     assert shared.breakdown["activations"] > plain.breakdown["activations"]
     assert shared.setup.settings()["preference"] == "shared" and "preference" not in plain.setup.settings()
