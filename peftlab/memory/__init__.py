@@ -57,6 +57,7 @@ from peftlab.memory.estimate import (
     CUDA_CONTEXT_BYTES,
     GPUS,
     PRECISIONS,
+    PREFERENCES,
     TERMS,
     MemoryEstimate,
     Setup,
@@ -73,6 +74,7 @@ from peftlab.memory.measure import (
 from peftlab.memory.zero import largest_layer_parameters, zero_model_states, zero_per_gpu
 
 __all__ = ["ATTENTION", "CUBLAS_WORKSPACE_BYTES", "CUDA_CONTEXT_BYTES", "GPUS", "LOSSES", "OPTIMIZERS", "PRECISIONS",
-           "QUANTISED_LAYERS", "TERMS", "Measurement", "MemoryEstimate", "Setup", "enable_checkpointing", "estimate",
+           "PREFERENCES", "QUANTISED_LAYERS", "TERMS", "Measurement", "MemoryEstimate", "Setup", "enable_checkpointing",
+           "estimate",
            "largest_layer_parameters", "make_optimizer", "measure", "quantised_bytes_per_parameter",
            "saved_tensor_bytes", "weight_bytes", "zero_model_states", "zero_per_gpu"]  # fmt: skip

@@ -47,6 +47,11 @@ TERMS = (
     "optimizer_workspace",
     "cublas_workspace",
 )
+#: DPO's (``Setup.preference``) reference choices: ``"shared"``, the policy's own frozen weights with its adapters
+#: switched off (``methods.disabled``, as ``align.dpo_loss_fn`` does), or ``"copy"``, a second full copy of the base.
+PREFERENCES = ("shared", "copy")
+#: The terms only a preference setup has, after :data:`TERMS` in a table.
+PREFERENCE_TERMS = ("reference_weights",)
 #: GPU memory as nvidia-smi reports it (MiB), for "does it fit".
 GPUS = {"T4 16 GB": 15_360 * 2**20, "A100 40 GB": 40_960 * 2**20, "A100 80 GB": 81_920 * 2**20,
         "H100 80 GB": 81_559 * 2**20}  # fmt: skip
@@ -94,6 +99,14 @@ class Setup:
       matmul of each thread and kept, so they are in ``max_memory_allocated`` in every phase. Measured on an H200:
       the optimizer-step peak of a Llama-3.2-1B full row is 64 MiB + 9.5 kB above the sum of weights, gradients,
       AdamW states and AdamW's square-root copy; every Llama row of both readings is 64-75 MiB under without it.
+    * ``preference``: a DPO step (Rafailov et al., 2023; ``peftlab.align``), ``batch_size`` counting *pairs*. A
+      batch of B pairs is 2B sequences (the B chosen, then the B rejected), so the policy's forward with gradients
+      saves the activations and logits of 2B sequences; the reference's forward runs under ``no_grad`` on the same
+      2B sequences, saves nothing, and its short-lived logits are those of the policy's forward, whose peak they
+      do not pass (they come after the policy's own have been reduced to log-probabilities). ``"shared"``: the
+      reference is the policy with its adapters switched off, so it adds no bytes at all (a method that trains
+      the base has no adapters to switch off: it is refused). ``"copy"``: a second, frozen copy of the whole base
+      model in the same storage precision, ``reference_weights``, held in both phases. ``None``: not DPO.
     """
 
     method: str = "full"
@@ -112,6 +125,7 @@ class Setup:
     quantised_layers: str = "blocks"
     quantise_head: bool = False
     gpu: str | None = None
+    preference: str | None = None
 
     def __post_init__(self):
         method(self.method)  # an unknown name is refused with the close ones
@@ -136,6 +150,13 @@ class Setup:
             if self.device != "cuda":
                 raise ValueError(f"gpu={self.gpu!r} names a CUDA GPU, but device={self.device!r}: leave gpu at None "
                                  "for a CPU estimate.")  # fmt: skip
+        if self.preference is not None:
+            check_choice("preference", self.preference, PREFERENCES)
+            if self.preference == "shared" and not method(self.method).freezes_base:
+                raise ValueError(f"preference='shared' uses the base model with the adapters switched off as DPO's "
+                                 f"reference, but {self.method!r} trains the base itself, so nothing frozen is left "
+                                 "to share: use preference='copy' (a second copy of the model as the reference) or "
+                                 "a method that keeps the base frozen.")  # fmt: skip
         if self.loss == "bf16" and self.precision in ("fp32", "bf16-mixed"):
             why = "the logits are fp32" if self.precision == "fp32" else "autocast runs cross-entropy in fp32 anyway"
             raise ValueError(f"loss='bf16' does not apply with precision={self.precision!r} ({why}): use pure "
@@ -161,7 +182,8 @@ class Setup:
 
 
 #: The fields of :class:`Setup` added for the mechanisms of issue 11 (off by default).
-MECHANISMS = ("grad_accum_steps", "padding", "loss", "loss_chunk_tokens", "quantised_layers", "quantise_head", "gpu")
+MECHANISMS = ("grad_accum_steps", "padding", "loss", "loss_chunk_tokens", "quantised_layers", "quantise_head", "gpu",
+              "preference")  # fmt: skip
 
 
 @dataclass
@@ -195,8 +217,8 @@ class MemoryEstimate:
     def table(self) -> pd.DataFrame:
         """One row per term, in GiB and as a share of the peak phase."""
         peak_terms = self.phases[self.peak_phase]
-        rows = [{"term": term, "GiB": self.breakdown[term] / 2**30, "in peak": term in peak_terms} for term in TERMS
-                if term in self.breakdown]  # fmt: skip
+        rows = [{"term": term, "GiB": self.breakdown[term] / 2**30, "in peak": term in peak_terms}
+                for term in (*TERMS, *PREFERENCE_TERMS) if term in self.breakdown]  # fmt: skip
         rows.append({"term": "peak", "GiB": self.peak / 2**30, "in peak": True})
         rows.append({"term": "CUDA context (beside)", "GiB": self.cuda_context / 2**30, "in peak": False})
         return pd.DataFrame(rows).set_index("term")
@@ -212,6 +234,19 @@ def _with_method(model_or_config, setup: Setup) -> nn.Module:
         model = copy.deepcopy(model_or_config).to("meta")
         model.tie_weights()  # moving a module moves each tied tensor apart: tie them again
     return apply_method(model, setup.method, setup.method_config)
+
+
+def _reference_copy_bytes(model_or_config, setup: Setup) -> int:
+    """Bytes of a second, frozen copy of the base model (no method) in the setup's storage precision: DPO's
+    reference kept apart (``Setup(preference="copy")``). With a quantised base the copy is quantised alike."""
+    if isinstance(model_or_config, str | PretrainedConfig):
+        config = models.architecture_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
+        reference = models.meta_model(config, task="classification" if config.model_type == "bert" else "causal_lm")
+    else:  # the model as given (with applied=True its adapters too: a copy of the policy, as trl's deepcopy is)
+        reference = copy.deepcopy(model_or_config).to("meta")
+        reference.tie_weights()
+    reference.requires_grad_(False)
+    return weight_bytes(reference, setup.precision)
 
 
 def _check_positions(model: nn.Module, setup: Setup) -> None:
@@ -280,7 +315,8 @@ def estimate(model_or_config, setup: Setup | None = None, applied: bool = False)
     precision, attn, device = setup.precision, setup.attn_implementation, setup.device
     compute_precision = "bf16" if precision in QUANTISED else precision
     padded = setup.padding > 0
-    per_layer, dims = activation_bytes_per_layer(model, setup.batch_size, setup.seq_len, compute_precision, attn,
+    sequences = 2 * setup.batch_size if setup.preference else setup.batch_size  # DPO: B chosen + B rejected
+    per_layer, dims = activation_bytes_per_layer(model, sequences, setup.seq_len, compute_precision, attn,
                                                  setup.grad_checkpointing, device, padded)  # fmt: skip
     logits = logits_bytes(model, dims, compute_precision, stream_grad=any(per_layer), loss=setup.loss,
                           chunk_tokens=setup.loss_chunk_tokens, head_quantised=setup.quantise_head)  # fmt: skip
@@ -296,7 +332,7 @@ def estimate(model_or_config, setup: Setup | None = None, applied: bool = False)
     # the logits' gradients at the start of backward, or (with checkpointing) one block recomputed in backward.
     recompute = 0
     if setup.grad_checkpointing:
-        recompute = max(activation_bytes_per_layer(model, setup.batch_size, setup.seq_len, compute_precision, attn,
+        recompute = max(activation_bytes_per_layer(model, sequences, setup.seq_len, compute_precision, attn,
                                                    False, device, padded)[0])  # fmt: skip
     cache = 0 if setup.grad_checkpointing else kv_cache_bytes(model, dims, compute_precision, attn, device)
     transient = max(logits["forward"] + cache, logits["backward"], recompute)
@@ -307,6 +343,10 @@ def estimate(model_or_config, setup: Setup | None = None, applied: bool = False)
     step_terms = ["weights", "optimizer_states", "gradients", "optimizer_workspace"]
     if setup.grad_accum_steps > 1:  # the earlier micro-batches' gradients, alive through the later ones
         forward_terms.insert(2, "gradients")
+    if setup.preference == "copy":  # a second copy of the base as the reference, alive in both phases
+        breakdown["reference_weights"] = _reference_copy_bytes(model_or_config, setup)
+        forward_terms.append("reference_weights")
+        step_terms.append("reference_weights")
     if setup.gpu is not None:
         breakdown["cublas_workspace"] = CUBLAS_HANDLES * CUBLAS_WORKSPACE_BYTES[setup.gpu]
         forward_terms.append("cublas_workspace")
