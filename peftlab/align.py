@@ -27,8 +27,11 @@ and each answer as the assistant's turn, the answers split off where the token i
 chosen sequences and then the rejected ones; log π(y|x) sums the completion's next-token log-probabilities.
 The reference is the base model: with peftlab's adapters it is the same model with its adapters switched off
 (``methods.disabled``), so no second copy is kept — as trl does with a new peft adapter. To train further an
-adapter that is already trained (an SFT adapter), trl keeps a frozen copy of it named "ref"; with peftlab merge
-the SFT adapter into the weights first, then apply a fresh one for DPO.
+adapter that is already trained (an SFT adapter), trl keeps a frozen copy of it named "ref". peftlab's
+``lora.merge`` is not the way there: it keeps the merged adapter in its layer (so that ``unmerge`` can restore the
+weights), and a merged model refuses a new adapter and ``disabled``. Build the SFT policy as plain weights instead,
+a copy of the base with each adapted layer's ``delta_weight()`` added, and apply a fresh adapter to it (notebook 12
+shows both); a merge that also removes the adapter is still to be written.
 """
 
 from __future__ import annotations

@@ -239,10 +239,10 @@ def _teaching_rows(name: str, path: Path) -> list[dict]:
             _require(row, {"instruction": str, "input": str, "output": str}, where)
             rows.append({k: row[k] for k in ("instruction", "input", "output", "lang", "id")})
         else:
-            _require(row, {"prompt": str, "chosen": str, "rejected": str}, where)
+            _require(row, {"prompt": str, "chosen": str, "rejected": str, "flaw": str}, where)
             messages = [{"role": "user", "content": row["prompt"]}]
             rows.append({"messages": messages, "chosen": row["chosen"], "rejected": row["rejected"],
-                         "lang": row["lang"], "id": row["id"]})  # fmt: skip
+                         "flaw": row["flaw"], "lang": row["lang"], "id": row["id"]})  # fmt: skip
     return rows
 
 

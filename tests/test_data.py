@@ -331,3 +331,9 @@ def test_a_damaged_download_is_fetched_again_and_an_offline_download_names_the_u
         "validation": offline}}})  # fmt: skip
     with pytest.raises(data.DataError, match=r"Could not download http://127.0.0.1:9/nothing.csv .* put the"):
         data.load("fin_tweets", "validation", download=True)
+
+
+def test_preference_rows_keep_the_flaw_of_the_rejected_answer():
+    rows = data.load("preferences", "train") + data.load("preferences", "validation")
+    assert len(rows) == 120 and {row["flaw"] for row in rows} >= {"unhelpful", "format", "rude"}
+    assert all(row["messages"][-1]["role"] == "user" for row in rows)
