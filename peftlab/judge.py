@@ -4,12 +4,14 @@ few numbers or a JSON object, with the answer key of ``data/judged.jsonl`` (70 i
 A loss says how likely the reference answer is; a user sees the model's own answer. For these items an answer is
 *correct* by a rule that is written down and tested (normalised match, not a judge model):
 
-- ``label`` (headline sentiment): the first of the three label words (bearish / bullish / neutral, 利空 / 利好 /
-  中性) that the answer names is the expected one;
+- ``label`` (headline sentiment): the answer names exactly one of the three label words (bearish / bullish /
+  neutral, 利空 / 利好 / 中性), the expected one. An answer that names two or all three (one that echoes the
+  options of the question, say) is wrong: a rule that took the first word named passed such an echo on 10 of the 30
+  items, since every question lists the options in the same order;
 - ``numbers`` (arithmetic word problems): every expected number is among the numbers the answer writes (thousands
   separators and currency signs ignored, 600 = 600.0);
-- ``json`` (extraction): the first ``{ … }`` in the answer parses, with the expected keys and values (strings compared
-  without case and surrounding spaces, numbers by value).
+- ``json`` (extraction): the JSON object that starts at the answer's first ``{`` parses, with the expected keys and
+  values (strings compared without case and surrounding spaces, numbers by value).
 
 The rules are lenient about wording and strict about the content, so that a model which answers in a sentence is
 not marked wrong for it.
@@ -45,11 +47,11 @@ def numbers_in(text: str) -> list[float]:
 
 
 def _first_json_object(text: str):
-    start, end = text.find("{"), text.rfind("}")
-    if start < 0 or end < start:
+    start = text.find("{")
+    if start < 0:
         return None
     try:
-        return json.loads(text[start : end + 1])
+        return json.JSONDecoder().raw_decode(text[start:])[0]
     except json.JSONDecodeError:
         return None
 
@@ -68,10 +70,8 @@ def _same_value(expected, got) -> bool:
 def is_correct(item: dict, answer: str) -> bool:
     """Whether ``answer`` gives the item's expected answer, by the rule of its ``kind`` (module docstring)."""
     if item["kind"] == "label":
-        words = LABEL_WORDS[item["lang"]]
-        text = answer.casefold()
-        named = sorted((text.find(word), word) for word in words if word in text)
-        return bool(named) and named[0][1] == item["answer"]
+        named = [word for word in LABEL_WORDS[item["lang"]] if word in answer.casefold()]
+        return named == [item["answer"]]
     if item["kind"] == "numbers":
         written = numbers_in(answer)
         return all(float(number) in written for number in item["answer"])

@@ -19,7 +19,9 @@ def test_the_key_covers_seventy_items_and_every_reference_answer_is_correct():
     ("kind", "lang", "expected", "answer", "correct"),
     [
         ("label", "en", "bullish", "Bullish.", True),
-        ("label", "en", "bullish", "This is bullish, not bearish.", True),
+        ("label", "en", "bullish", "This is bullish, not bearish.", False),
+        ("label", "en", "bearish", "bearish, bullish, neutral", False),  # echoing the options
+        ("label", "zh", "利空", "利空／利好／中性", False),
         ("label", "en", "bullish", "Bearish, though some say bullish.", False),
         ("label", "en", "bullish", "I cannot tell.", False),
         ("label", "zh", "利好", "这是利好消息。", True),
@@ -33,6 +35,7 @@ def test_the_key_covers_seventy_items_and_every_reference_answer_is_correct():
         ("json", "en", {"item": "mug", "quantity": 3}, '{"item": "mug"}', False),
         ("json", "en", {"item": "mug", "quantity": 3}, '{"item": "mug", "quantity": "three"}', False),
         ("json", "en", {"item": "mug", "quantity": 3}, "item: mug, quantity: 3", False),
+        ("json", "en", {"item": "mug", "quantity": 3}, '{"item": "mug", "quantity": 3} (a set: {1, 2})', True),
     ],
 )
 def test_the_rules(kind, lang, expected, answer, correct):

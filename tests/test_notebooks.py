@@ -148,6 +148,7 @@ def quoted_figures(record: dict) -> list[str]:
     figures = [f"{row['accuracy']:.3f}" for row in record.get("results", []) + record.get("freeze_sweep", [])]
     figures += [f"{run['val_loss']:.3f}" for run in record.get("instruction_sweep", {}).get("runs", [])]
     figures += [f"{row['measured peak GiB']:.2f}" for row in record.get("peaks") or []]
+    figures += [f"{size['val_loss_mean']:.3f}" for size in record.get("sizes", {}).values()]  # a data-size sweep
     return figures
 
 
