@@ -224,28 +224,27 @@ class MemoryEstimate:
         return pd.DataFrame(rows).set_index("term")
 
 
-def _with_method(model_or_config, setup: Setup) -> nn.Module:
-    """The architecture on the meta device with the method applied (a given model is copied, not changed)."""
+def _meta_copy(model_or_config) -> nn.Module:
+    """The architecture on the meta device, as named or configured, or a copy of a given model (never changed)."""
     if isinstance(model_or_config, str | PretrainedConfig):
         config = models.architecture_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
         task = "classification" if config.model_type == "bert" else "causal_lm"  # encoders train a task head
-        model = models.meta_model(config, task=task)
-    else:
-        model = copy.deepcopy(model_or_config).to("meta")
-        model.tie_weights()  # moving a module moves each tied tensor apart: tie them again
-    return apply_method(model, setup.method, setup.method_config)
+        return models.meta_model(config, task=task)
+    model = copy.deepcopy(model_or_config).to("meta")
+    model.tie_weights()  # moving a module moves each tied tensor apart: tie them again
+    return model
+
+
+def _with_method(model_or_config, setup: Setup) -> nn.Module:
+    """The architecture on the meta device with the method applied (a given model is copied, not changed)."""
+    return apply_method(_meta_copy(model_or_config), setup.method, setup.method_config)
 
 
 def _reference_copy_bytes(model_or_config, setup: Setup) -> int:
     """Bytes of a second, frozen copy of the base model (no method) in the setup's storage precision: DPO's
     reference kept apart (``Setup(preference="copy")``). With a quantised base the copy is quantised alike."""
-    if isinstance(model_or_config, str | PretrainedConfig):
-        config = models.architecture_config(model_or_config) if isinstance(model_or_config, str) else model_or_config
-        reference = models.meta_model(config, task="classification" if config.model_type == "bert" else "causal_lm")
-    else:  # the model as given (with applied=True its adapters too: a copy of the policy, as trl's deepcopy is)
-        reference = copy.deepcopy(model_or_config).to("meta")
-        reference.tie_weights()
-    reference.requires_grad_(False)
+    # a given model is copied as it is (with applied=True its adapters too: a copy of the policy, as trl's deepcopy is)
+    reference = _meta_copy(model_or_config).requires_grad_(False)
     return weight_bytes(reference, setup.precision)
 
 
