@@ -145,7 +145,11 @@ def test_the_cleanliness_check_catches_noise():
 
 def quoted_figures(record: dict) -> list[str]:
     """What a full run's prose must quote from its record: each accuracy, each validation loss, each measured peak."""
-    figures = [f"{row['accuracy']:.3f}" for row in record.get("results", []) + record.get("freeze_sweep", [])]
+    rows = record.get("results", []) + record.get("freeze_sweep", []) + record.get("length_sweep", [])
+    rows += list(record.get("baselines", {}).values())  # a notebook's own runs of LoRA and full fine-tuning
+    figures = [f"{row['accuracy']:.3f}" for row in rows]
+    if isinstance(record.get("runs"), dict):  # a sweep with seeds, e.g. notebook 12's β: the mean held-out accuracy
+        figures += [f"{run['mean']['reward_accuracy']:.3f}" for run in record["runs"].values()]
     figures += [f"{run['val_loss']:.3f}" for run in record.get("instruction_sweep", {}).get("runs", [])]
     figures += [f"{row['measured peak GiB']:.2f}" for row in record.get("peaks") or []]
     figures += [f"{size['val_loss_mean']:.3f}" for size in record.get("sizes", {}).values()]  # a data-size sweep
