@@ -8,7 +8,15 @@ import pytest
 import torch
 from helpers import assert_trains_and_leaves_the_base_bit_identical, call_reference, reference_break
 from torch.testing import assert_close
-from transformers import AutoModelForCausalLM, DistilBertConfig, DistilBertModel, DynamicCache, Qwen2Config
+from transformers import (
+    AutoModelForCausalLM,
+    DistilBertConfig,
+    DistilBertModel,
+    DynamicCache,
+    LlamaForCausalLM,
+    LlamaModel,
+    Qwen2Config,
+)
 
 from peftlab import compat, memory, models
 from peftlab.methods import prefix, prompt
@@ -234,3 +242,38 @@ def test_a_model_that_takes_no_cache_is_refused_before_it_changes():
 
     with pytest.raises(TypeError, match=r"takes no KV cache .*peftlab\.methods\.prompt"):
         compat.cache_keyword(NoCache())
+
+
+def test_a_transformers_model_whose_attention_takes_no_cache_is_refused_before_it_changes():
+    class NoCacheBackbone(LlamaModel):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask)
+
+    class NoCacheLM(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.model = NoCacheBackbone(config)
+
+        def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+
+    model = NoCacheLM(models.tiny_model("llama").config)
+    with pytest.raises(TypeError, match=r"NoCacheLM\.forward takes no KV cache .* cannot enter its attention"):
+        prefix.apply(model, prefix.PrefixTuningConfig(N))
+    assert all(p.requires_grad for p in model.parameters()), "refused, but the model was frozen on the way"
+
+
+@pytest.mark.parametrize(("arch", "task"), [("llama", "causal_lm"), ("bert", "classification")])
+def test_checkpointing_turned_on_after_apply_is_refused_in_training_and_harmless_in_eval(arch, task):
+    """transformers drops the cache in a checkpointed layer that trains: the prefix would vanish (BERT: silently, no
+    gradient reaches it) or break the mask (Llama: a size mismatch deep inside). peftlab says so before the forward."""
+    model = prefix.apply(models.tiny_model(arch, task), prefix.PTuningV2Config(N, train_head=task != "causal_lm"))
+    batch = make_batch(task)
+    with torch.no_grad():
+        plain = model.eval()(**batch).logits
+    memory.enable_checkpointing(model)
+    with torch.no_grad():  # no backward pass to recompute a layer: transformers keeps the cache, so does the prefix
+        assert_close(model(**batch).logits, plain, atol=0, rtol=0)
+    model.train()
+    with pytest.raises(ValueError, match=r"checkpointing was turned on after prefix\.apply.*Turn checkpointing off"):
+        model(**batch)

@@ -174,6 +174,15 @@ class PrefixTunedModel(ModelWrapper):
         if not self.enabled:
             return self.base_model(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
                                    inputs_embeds=inputs_embeds, position_ids=position_ids, **kwargs)  # fmt: skip
+        if self.base_model.training and torch.is_grad_enabled() and _checkpointed(self.base_model):
+            raise ValueError(
+                "Gradient checkpointing was turned on after prefix.apply: a checkpointed layer of transformers drops "
+                "the KV cache in training (the backward pass recomputes the layer, which would write to the cache "
+                "twice), and the prefix travels in that cache, so it would be lost (no gradient reaches it) or no "
+                "longer match the attention mask. Turn checkpointing off to train the prefix (model.base_model."
+                "activation_checkpointing_disable(); gradient_checkpointing_disable() before transformers 5.2x); "
+                "a forward pass in eval() mode or without gradients works either way."
+            )
         return self._with_prefix(self.base_model, input_ids, attention_mask, labels, inputs_embeds, position_ids,
                                  **kwargs)  # fmt: skip
 
@@ -261,7 +270,7 @@ def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config,
     check_base(model, "prefix.apply")
     shape = kv_shape(model.config)
     compat.cache_keyword(model)  # raises, before anything changes, for a model that takes no KV cache
-    if any(getattr(module, "gradient_checkpointing", False) for module in model.modules()):
+    if _checkpointed(model):
         raise ValueError("The prefix travels in the KV cache, which gradient checkpointing drops: turn it off first.")
     config = resolve_train_head(model, config)  # raises, saying what to change, for a head that is not there
     reparametrize = isinstance(config, PrefixTuningConfig) and config.reparametrize
@@ -276,6 +285,11 @@ def apply(model: PreTrainedModel, config: PrefixTuningConfig | PTuningV2Config,
     wrapped = PrefixTunedModel(model, encoder, shape)
     layers.remember(wrapped, "ptuning-v2" if isinstance(config, PTuningV2Config) else "prefix", adapter, config)
     return wrapped
+
+
+def _checkpointed(model: nn.Module) -> bool:
+    """Whether any layer of ``model`` has transformers' gradient checkpointing switched on."""
+    return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
 
 
 def fold(model: PrefixTunedModel) -> PrefixTunedModel:
