@@ -226,7 +226,9 @@ def test_measure_on_cpu_counts_saved_bytes_only():
     [({"batch_size": 0}, "batch_size must be a positive integer"), ({"seq_len": -5}, "seq_len must be"),
      ({"precision": "fp8"}, "Unknown precision 'fp8'"), ({"optimizer": "lion"}, "Unknown optimizer 'lion'"),
      ({"method": "dora"}, "Unknown method 'dora'"), ({"attn_implementation": "flash"}, "Unknown attn_implementation"),
-     ({"method": "full", "precision": "nf4"}, "cannot be trained by 'full'")],
+     ({"method": "full", "precision": "nf4"}, "cannot be trained by 'full'"),
+     ({"method": "prefix", "grad_checkpointing": True}, "'prefix' cannot train with gradient checkpointing"),
+     ({"method": "ptuning-v2", "grad_checkpointing": True}, "'ptuning-v2' cannot train with gradient checkpointing")],
 )  # fmt: skip
 def test_bad_settings_say_what_to_change(kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -157,6 +157,12 @@ class Setup:
                                  f"reference, but {self.method!r} trains the base itself, so nothing frozen is left "
                                  "to share: use preference='copy' (a second copy of the model as the reference) or "
                                  "a method that keeps the base frozen.")  # fmt: skip
+        if self.grad_checkpointing and not method(self.method).checkpointable:
+            raise ValueError(
+                f"{self.method!r} cannot train with gradient checkpointing: its prefix travels in "
+                "the KV cache, which a checkpointed layer drops (peftlab.methods.prefix refuses it "
+                "too). Set grad_checkpointing=False, or estimate another method, such as 'lora'."
+            )
         if self.loss == "bf16" and self.precision in ("fp32", "bf16-mixed"):
             why = "the logits are fp32" if self.precision == "fp32" else "autocast runs cross-entropy in fp32 anyway"
             raise ValueError(f"loss='bf16' does not apply with precision={self.precision!r} ({why}): use pure "

@@ -63,6 +63,7 @@ class Method:
     apply_on_meta: Callable[..., nn.Module] | None = None
     hooks: Callable[[nn.Module, Any], TrainingHooks] | None = None
     freezes_base: bool = True  # False where the method trains the base's own weights (full, Freeze, BitFit)
+    checkpointable: bool = True  # False where gradient checkpointing cannot train it (a prefix: the cache is dropped)
 
     def configure(self, config, **knobs):
         """``config`` with the knobs set (``None`` keeps a field as it is); an unknown knob says which there are."""
@@ -108,10 +109,11 @@ REGISTRY: dict[str, Method] = {
         Method("ptuning", "P-tuning", "Liu et al., 2021, arXiv:2103.10385", prompt.PTuningConfig,
                lambda m: prompt.PTuningConfig(), prompt.apply, {"num_virtual_tokens": "num_virtual_tokens"}),
         Method("prefix", "prefix tuning", "Li & Liang, 2021, arXiv:2101.00190", prefix.PrefixTuningConfig,
-               lambda m: prefix.PrefixTuningConfig(), prefix.apply, {"num_virtual_tokens": "num_virtual_tokens"}),
+               lambda m: prefix.PrefixTuningConfig(), prefix.apply, {"num_virtual_tokens": "num_virtual_tokens"},
+               checkpointable=False),
         Method("ptuning-v2", "P-tuning v2", "Liu et al., 2022, arXiv:2110.07602", prefix.PTuningV2Config,
                lambda m: prefix.PTuningV2Config(), prefix.apply,
-               {"num_virtual_tokens": "num_virtual_tokens"}),
+               {"num_virtual_tokens": "num_virtual_tokens"}, checkpointable=False),
         Method("adapter", "bottleneck adapters", "Houlsby et al., 2019, arXiv:1902.00751", adapter.AdapterConfig,
                lambda m: adapter.AdapterConfig(), adapter.apply, {"bottleneck": "bottleneck"}),
         Method("lora", "LoRA", "Hu et al., 2021, arXiv:2106.09685", lora.LoRAConfig, _lora, lora.apply, LORA_KNOBS,
