@@ -238,3 +238,5 @@ def test_bad_calls_say_what_to_change():
     with pytest.raises(ValueError, match="max_position_embeddings=128"):
         wrapped_bert = prompt.apply(models.tiny_model("bert", task="classification"), prompt.PromptTuningConfig(100))
         wrapped_bert(input_ids=torch.ones(1, 40, dtype=torch.long))
+    with pytest.raises(ValueError, match="never trained past that position"):  # rotary positions: refused too
+        wrapped(input_ids=torch.ones(1, 125, dtype=torch.long))

@@ -179,13 +179,17 @@ def freeze(model: nn.Module, train_head: bool = False) -> None:
 
 
 def check_positions(config, num_virtual_tokens: int, length: int) -> None:
-    """Learned absolute positions run out ``n`` tokens earlier: say so instead of an index error deep inside."""
+    """The virtual tokens take ``n`` positions: refuse ``n + length`` past ``max_position_embeddings`` before the
+    first forward. Learned absolute positions (BERT, GPT-2) would fail deep inside with an index error; rotary ones
+    (Llama, SmolLM2) would run on, at positions the model never saw in training."""
     limit = getattr(config, "max_position_embeddings", None)
-    learned = family_of(config).positions == "learned"
-    if learned and limit is not None and num_virtual_tokens + length > limit:
+    if limit is not None and num_virtual_tokens + length > limit:
+        learned = family_of(config).positions == "learned"
+        why = "its learned position table ends there" if learned else "it was never trained past that position"
         raise ValueError(
             f"{num_virtual_tokens} virtual tokens + {length} input tokens = {num_virtual_tokens + length} positions, "
-            f"but {config.model_type} has max_position_embeddings={limit}: use shorter inputs or fewer virtual tokens."
+            f"but {config.model_type} has max_position_embeddings={limit} ({why}): use shorter inputs or fewer "
+            "virtual tokens."
         )
 
 
