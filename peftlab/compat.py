@@ -91,8 +91,11 @@ PEFT_PREFIX_TUNING_ON_BERT = KnownBreak(
     taught_in="notebook 05 (prefix tuning), pitfalls",
 )
 
-#: peft 0.21.2 hands the prefix to ``generate`` as ``past_key_values``; from transformers 5.24 ``generate`` reads
-#: ``cache`` and drops it, so the prefix never enters: peft's prefix-tuned ``generate`` answers as the base model.
+#: peft 0.21.2's ``prepare_inputs_for_generation`` looks for the cache in ``model_kwargs["past_key_values"]``; from
+#: transformers 5.24 ``generate`` keeps it under ``cache``, so peft never finds it and injects the prefix under
+#: ``past_key_values`` at every step. The forward receives both, keeps ``cache`` and drops the prefix (FutureWarning
+#: "Both `past_key_values` and `cache` are set ... ignoring deprecated `past_key_values`"): peft's prefix-tuned
+#: ``generate`` answers as the base model.
 #: Its forward pass (training, logits) is right. Measured on tiny Llama and GPT-2 (greedy): 5.23 agrees, 5.24 not.
 PEFT_PREFIX_GENERATE = KnownBreak(
     name="peft-prefix-generate",

@@ -124,7 +124,9 @@ class PrefixEncoder(nn.Module):
     """The prefix as an ``(n, 2·L·d_kv)`` matrix: stored (``transform`` is ``None``) or ``transform(embedding)``.
 
     Row ``j`` holds virtual token ``j``'s key and value for every layer, laid out ``[layer][key, value][head][dim]``.
-    Same names, shapes and layout as peft's PrefixEncoder, so state dicts load across.
+    Same names and layout as peft's PrefixEncoder. State dicts load across as they are for the direct prefix; for the
+    MLP only with ``embedding_dim = d_kv`` and the same hidden width (peft's ``token_dim`` and ``encoder_hidden_size``,
+    both ``d_kv`` by default, where peftlab's embedding defaults to ``d``).
     """
 
     def __init__(self, num_virtual_tokens: int, prefix_dim: int, embedding_dim: int | None, hidden_size: int | None):
