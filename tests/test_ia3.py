@@ -199,6 +199,10 @@ def test_feedforward_modules_must_be_targets():
         ia3.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=["down_proj"])
     with pytest.raises(ValueError, match=r"matches 'model\.layers\.0\.mlp\.down_proj', which target_modules"):
         ia3.apply(tiny("llama"), ia3.IA3Config(target_modules=["k_proj", "v_proj"]))  # the default feedforward
+    with pytest.raises(ValueError, match=r"feedforward_modules 'down_prj' matches none of the targets.*'down_proj'"):
+        ia3.apply(tiny("llama"), ia3.IA3Config(feedforward_modules=["down_prj"]))  # a typo: down_proj scaled out
+    with pytest.raises(ValueError, match=r"feedforward_modules '\.\*nothing' matches none of the targets"):
+        ia3.apply(tiny("llama"), ia3.IA3Config(feedforward_modules=r".*nothing"))
     model = ia3.apply(tiny("llama"), ia3.IA3Config(target_modules=["k_proj", "v_proj"], feedforward_modules=()))
     assert count_parameters(model).trainable == 2 * 2 * 16
 

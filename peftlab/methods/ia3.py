@@ -206,6 +206,18 @@ def resolve_targets(model: nn.Module, config: IA3Config) -> dict[str, bool]:
             f"{target_modules!r} does not: add it to target_modules, or pass feedforward_modules=() to scale "
             "no input."
         )
+    # a regular expression as it is; each name as a one-name tuple (a str alone would be read as a regex)
+    is_regex = isinstance(feedforward_modules, str)
+    wanted_inputs = [feedforward_modules] if is_regex else [(name,) for name in feedforward_modules]
+    scaled_inputs = [name for name, scales_input in chosen.items() if scales_input]
+    if unmatched := [wanted for wanted in wanted_inputs if not any(targets.matches(n, wanted) for n in scaled_inputs)]:
+        unmatched = unmatched[0] if is_regex else unmatched[0][0]
+        raise ValueError(
+            f"feedforward_modules {unmatched!r} matches none of the targets, so every target would scale its "
+            f"output, the FFN's down projection too: name a target whose input is the FFN's inner activation "
+            f"(the family's default: {family_default_feedforward(model)}), or pass feedforward_modules=() to scale "
+            "no input."
+        )
     for name in chosen:
         module = modules[name]
         if isinstance(module, AdapterLayer) and not isinstance(module, IA3Scaled):
@@ -219,6 +231,14 @@ def resolve_targets(model: nn.Module, config: IA3Config) -> dict[str, bool]:
             raise ValueError(f"{name} scales its {'input' if module.scale_input else 'output'} in the adapters "
                              "it has: a new adapter must scale the same side (keep feedforward_modules).")  # fmt: skip
     return chosen
+
+
+def family_default_feedforward(model: nn.Module) -> str:
+    """The family's default ``feedforward_modules`` as text, for an error message ("unknown" outside the families)."""
+    try:
+        return repr(family_of(model, needed_by="").ia3_feedforward)
+    except ValueError:
+        return "unknown for this model"
 
 
 def apply(model: nn.Module, config: IA3Config, adapter: str = DEFAULT_ADAPTER) -> nn.Module:
