@@ -13,7 +13,8 @@ Fine-tuning learns an update ΔW for the pretrained weights W, W' = W + ΔW. The
   with mean pooling, as sentence-transformers' MiniLM is), the pooler bypassed. The baseline every method must beat.
 * **BitFit** (Ben Zaken et al., 2022, "BitFit: Simple Parameter-efficient Fine-tuning for Transformer-based Masked
   Language-models"): only the bias terms b of y = Wx + b train (and the task head). In BERT-base that is about
-  0.1 % of the parameters. Models without biases (Llama, SmolLM2, Qwen's FFN) leave BitFit nothing to train.
+  0.09 % of the parameters (notebook 03 counts it by kind). Models without biases (Llama, SmolLM2, Qwen's FFN) leave
+  BitFit nothing to train.
   ``BitFitConfig(biases=...)`` trains a subset, named by the *kind* of module each bias belongs to
   (:data:`BIAS_KINDS`; :func:`bias_kinds` lists a model's): the paper's ablation trains ``("query",
   "intermediate")``, its b_q and b_m2, alone.
