@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peftlab import train
+
 #: p is clamped below 1 − this in log(1 − p), so a confident wrong token gives a large, finite loss.
 UNLIKELIHOOD_EPSILON = 1e-6
 
@@ -88,6 +90,11 @@ def choice_token_logps(model: nn.Module, batch: dict[str, torch.Tensor]) -> tupl
     return token_logps.reshape(n, choices, length - 1) * mask, mask
 
 
+def length_normalised_scores(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """β(x, ŷ^(c)) = (1/T(ŷ^(c))) Σ_t log p(ŷ_t | x, ŷ_<t), [n, C]: each choice's mean token log-probability."""
+    return token_logps.sum(dim=-1) / mask.sum(dim=-1)
+
+
 @dataclass
 class TFewLosses:
     """The three losses of one batch (each a mean over the examples) and the length-normalised scores β [n, C]."""
@@ -102,7 +109,7 @@ def tfew_losses(token_logps: torch.Tensor, mask: torch.Tensor, answer: torch.Ten
     """L_LM, L_UL and L_LN (module docstring, eq. 1–3 of Liu et al., 2022) from the choices' token log-probs
     [n, C, T] (0 outside the choice), their mask and the right choice's index [n]."""
     lengths = mask.sum(dim=-1)  # T(ŷ^(c)), [n, C]
-    scores = token_logps.sum(dim=-1) / lengths  # β(x, ŷ^(c))
+    scores = length_normalised_scores(token_logps, mask)
     right = F.one_hot(answer, num_classes=scores.shape[1]).to(scores.dtype)
     lm = -(scores * right).sum(dim=1).mean()
     probs = token_logps.exp().clamp(max=1 - UNLIKELIHOOD_EPSILON)
@@ -141,9 +148,8 @@ def rank_classify(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
     predicted, answers = [], []
     try:
         for batch in batches:
-            batch = {key: value.to(device) for key, value in batch.items()}
-            token_logps, mask = choice_token_logps(model, batch)
-            predicted.append((token_logps.sum(dim=-1) / mask.sum(dim=-1)).argmax(dim=1).cpu())
+            batch = train.to_device(batch, device)
+            predicted.append(length_normalised_scores(*choice_token_logps(model, batch)).argmax(dim=1).cpu())
             answers.append(batch["answer"].cpu())
     finally:
         model.train(was_training)

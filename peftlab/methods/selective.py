@@ -181,7 +181,7 @@ def _trained_biases(model: nn.Module, config: BitFitConfig) -> set[str]:
     if config.biases is None:
         return {name for name, _ in model.named_parameters() if name.endswith("bias")}
     kinds = bias_kinds(model)
-    present = list(dict.fromkeys(kind for kind in BIAS_KINDS if kind in kinds.values()))
+    present = [kind for kind in BIAS_KINDS if kind in kinds.values()]
     missing = [kind for kind in config.biases if kind not in present]
     if missing:
         raise ValueError(f"{type(model).__name__} has no {', '.join(map(repr, missing))} biases; its bias kinds are "
