@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import difflib
 import importlib.metadata
+import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -115,9 +117,23 @@ def offline_model_dir(alias: str) -> Path:
     if model.kind == "encoder":
         return _file_in_wheel(model)
     converted = home_dir() / "models" / alias
+    if (converted / "model.safetensors").exists() and not _special_tokens_agree(converted):
+        print(
+            f"{converted} was converted by a transformers whose GGUF tokenizer names other end-of-sequence or "
+            "padding tokens than the model's config: converting again.",
+            file=sys.stderr,
+        )
+        shutil.rmtree(converted)
     if not (converted / "model.safetensors").exists():
         convert_gguf(_file_in_wheel(model), converted)
     return converted
+
+
+def _special_tokens_agree(folder: Path) -> bool:
+    """Whether a converted folder's tokenizer names the end-of-sequence and pad tokens its model config names."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return (tokenizer.eos_token_id, tokenizer.pad_token_id) == (config.get("eos_token_id"), config.get("pad_token_id"))
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
@@ -134,6 +150,12 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    # The special tokens follow the model's config: the GGUF tokenizer of some transformers releases (5.17) names
+    # <|im_start|> as SmolLM2's end of sequence, while the config (and the original on the Hub) says <|im_end|>.
+    for role in ("eos", "pad"):
+        token_id = getattr(model.config, f"{role}_token_id", None)
+        if token_id is not None:
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     partial = out_dir.with_name(out_dir.name + ".partial")
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)

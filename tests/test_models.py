@@ -1,4 +1,6 @@
 import importlib.metadata
+import json
+import shutil
 
 import pytest
 import torch
@@ -121,3 +123,29 @@ def test_offline_causal_lm_matches_its_architecture_and_predicts_text():
     assert loss.item() < 5.0  # a random model of this vocabulary scores log(49152) ≈ 10.8
     converted = models.offline_model_dir("smollm2-135m")
     assert (converted / "model.safetensors").exists() and converted.is_relative_to(models.home_dir())
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")  # the config's ids 2 and 2
+    assert (tokenizer.eos_token_id, tokenizer.pad_token_id) == (model.config.eos_token_id, model.config.pad_token_id)
+
+
+def test_a_conversion_whose_tokenizer_disagrees_with_the_config_is_converted_again(tmp_path, monkeypatch):
+    """transformers 5.17's GGUF tokenizer names <|im_start|> as SmolLM2's EOS (the config says <|im_end|>): a folder
+    converted by it would train answers that end in the wrong token, so offline_model_dir converts it again."""
+    real = models.offline_model_dir("smollm2-135m")
+    stale = tmp_path / "models" / "smollm2-135m"
+    stale.mkdir(parents=True)
+    for file in real.iterdir():
+        (stale / file.name).symlink_to(file)
+    (stale / "tokenizer_config.json").unlink()
+    wrong = json.loads((real / "tokenizer_config.json").read_text()) | {"eos_token": "<|im_start|>"}
+    (stale / "tokenizer_config.json").write_text(json.dumps(wrong))
+    converted = []
+
+    def convert_gguf(gguf_path, out_dir):  # stands in for the 20 s conversion: records the call, copies the rest
+        converted.append(out_dir)
+        shutil.copytree(real, out_dir, ignore=lambda folder, names: ["model.safetensors"])
+
+    monkeypatch.setattr(models, "home_dir", lambda: tmp_path)
+    monkeypatch.setattr(models, "convert_gguf", convert_gguf)
+    assert not models._special_tokens_agree(stale)
+    models.offline_model_dir("smollm2-135m")
+    assert converted == [stale] and models._special_tokens_agree(real)
