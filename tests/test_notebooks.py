@@ -147,7 +147,10 @@ def quoted_figures(record: dict) -> list[str]:
     """What a full run's prose must quote from its record: each accuracy, each validation loss, each measured peak."""
     rows = record.get("results", []) + record.get("freeze_sweep", []) + record.get("length_sweep", [])
     rows += list(record.get("baselines", {}).values())  # a notebook's own runs of LoRA and full fine-tuning
+    if isinstance(record.get("minilm"), list):  # notebook 10: one row per MiniLM run
+        rows += record["minilm"]
     figures = [f"{row['accuracy']:.3f}" for row in rows]
+    figures += [f"{row['mean']:.3f}" for row in record.get("tfew", {}).get("summary", [])]  # a loss ablation's means
     if isinstance(record.get("runs"), dict):  # a sweep with seeds, e.g. notebook 12's β: the mean held-out accuracy
         figures += [f"{run['mean']['reward_accuracy']:.3f}" for run in record["runs"].values()]
     figures += [f"{run['val_loss']:.3f}" for run in record.get("instruction_sweep", {}).get("runs", [])]
