@@ -156,7 +156,7 @@ def rank_classify(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) 
     return torch.cat(predicted), torch.cat(answers)
 
 
-def rank_accuracy(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> float:
-    """The share of examples whose highest-β choice is the right one (:func:`rank_classify`)."""
-    predicted, answers = rank_classify(model, batches)
-    return (predicted == answers).float().mean().item()
+def rank_metrics(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]]) -> dict[str, float]:
+    """Accuracy (the share of examples whose highest-β choice is the right one, :func:`rank_classify`) and
+    macro-F1 over the choices, as :func:`peftlab.train.metrics_of_predictions` computes them."""
+    return train.metrics_of_predictions(*rank_classify(model, batches))

@@ -85,10 +85,10 @@ def test_token_logps_are_the_models_and_training_raises_rank_accuracy():
     by_hand = torch.log_softmax(logits[0, 3], -1)[60] + torch.log_softmax(logits[0, 4], -1)[61]
     torch.testing.assert_close(token_logps[0, 0].sum(), by_hand, atol=1e-5, rtol=1e-5)
     assert mask[0, 0].sum() == 2 and mask[0, 1].sum() == 1
-    before = tfew.rank_accuracy(model, batches)
+    before = tfew.rank_metrics(model, batches)["accuracy"]
     config = train.TrainConfig(max_steps=30, learning_rate=5e-2, schedule="constant")
     history = train.train(model, batches, config, loss_fn=tfew.tfew_loss_fn(), progress=False)
     assert history.losses[-1] < history.losses[0] - 0.1
-    assert tfew.rank_accuracy(model, batches) > before
+    assert tfew.rank_metrics(model, batches)["accuracy"] > before
     assert history.metrics["ln"][-1] < history.metrics["ln"][0]
     assert set(history.metrics) == {"lm", "ul", "ln", "accuracy"}

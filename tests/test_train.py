@@ -125,6 +125,13 @@ def test_classification_metrics_on_known_predictions(monkeypatch):
     assert metrics["macro_f1"] == pytest.approx(sum(f1) / 3)
 
 
+def test_answering_the_majority_class_scores_its_share_and_a_low_macro_f1():
+    expected = torch.tensor([2] * 7 + [0, 1, 1])  # 70 % of one class, as notebook 10's validation tweets
+    metrics = train.metrics_of_predictions(torch.full_like(expected, 2), expected)
+    assert metrics["accuracy"] == pytest.approx(0.7)
+    assert metrics["macro_f1"] == pytest.approx((2 * 0.7 * 1 / 1.7) / 3)  # F1 of the majority class, 0 for the others
+
+
 def test_classification_training_beats_chance_on_a_separable_task():
     model = models.tiny_model("bert", task="classification", num_labels=2)
     features = [{"input_ids": [5 + label] * 6, "attention_mask": [1] * 6, "labels": label} for label in (0, 1)] * 8
