@@ -143,6 +143,8 @@ HELD_OUT = [
     held(TINY, "qlora", 4, 512, "nf4"),
     held(QWEN, "qlora", 8, 512, "nf4"),
     held(THREE_B, "lora", 1, 2048),  # late in the list: never beside the 3B full row on the GPU
+    held(SMOL, "ptuning", 8, 512),  # P-tuning's prompt encoder (issue 13, item 4)
+    held("bert-base", "ptuning-v2", 16, 256, task="classification"),  # deep prompts + head (issue 13, item 4)
     # rows of ROWS again, on this GPU: what the device alone moves
     held(SMOL, "lora", 8, 512, seen=True),
     held(ONE_B, "full", 1, 1024, seen=True),

