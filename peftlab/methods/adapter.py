@@ -42,7 +42,9 @@ On the Efficiency of Adapters in Transformers", arXiv:2010.11918) drops the adap
 makes training and inference faster: ``layers`` lists the blocks that get adapters (and, with ``train_norms``, the
 only blocks whose norms train, so nothing below the lowest adapted block needs a backward pass).
 
-peft has no Houlsby adapter, so the parameter counts are checked against the closed form only.
+peft has no bottleneck adapter: the parameter counts are checked against the closed form (tests), and the logits
+against AdapterHub's ``adapters`` 1.3.0 (``DoubleSeqBnConfig``, ``SeqBnConfig``) in an environment of its own, since
+it needs transformers 4.57 (``make reference-adapters``, ``tools/adapters_reference.py``).
 """
 
 from __future__ import annotations
