@@ -14,9 +14,9 @@ that the load of a shared machine falls on all three alike. A row gives each mod
 thread by default (``--threads 1``): on a machine shared with other jobs, torch's threads wait on each other and
 the times swing by tens of per cent.
 
-Writes ``benchmarks/results/adapter_latency.json``: one entry per device (a run on another device adds its own,
-keeping the others), each with the date, the versions, the rows and, on the CPU, the machine's one-minute load
-average before and after (a shared machine's other jobs are in it).
+Writes ``benchmarks/results/adapter_latency.json``: per device type a list of runs (a run appends its own, keeping
+the others, so that repeated runs show the spread), each with the device, the date, the versions, the rows and, on
+the CPU, the machine's one-minute load average before and after (a shared machine's other jobs are in it).
 """
 
 from __future__ import annotations
@@ -90,10 +90,11 @@ def main() -> None:
               + ", ".join(f"{n} {row[f'{n}_ms']:7.2f} ms ({100 * row[f'{n}_slowdown']:+.1f} %)" for n in VARIANTS),
               flush=True)  # fmt: skip
     record = json.loads(args.out.read_text()) if args.out.exists() else {}
-    record[device.type] = {"device": env.device_name(device), "date": date.today().isoformat(), "dtype": "fp32",
-                           "threads": torch.get_num_threads(), "bottleneck": BOTTLENECK,
-                           "load_average_1min": None if load_before is None else [load_before, os.getloadavg()[0]],
-                           "versions": env.package_versions(), "rows": rows}  # fmt: skip
+    measured = {"device": env.device_name(device), "date": date.today().isoformat(), "dtype": "fp32",
+                "threads": torch.get_num_threads(), "bottleneck": BOTTLENECK,
+                "load_average_1min": None if load_before is None else [load_before, os.getloadavg()[0]],
+                "versions": env.package_versions(), "rows": rows}  # fmt: skip
+    record.setdefault(device.type, []).append(measured)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {args.out}")
