@@ -16,7 +16,7 @@ LAB_ARGS ?=
 # JupyterLab refuses to start as root unless told; in a container the user usually is root.
 ROOT_ARGS := $(if $(filter 0,$(shell id -u)),--allow-root)
 
-.PHONY: lab test install models lint notebooks test-latest lock clean
+.PHONY: lab test install models lint notebooks test-latest lock clean reference-adapters
 
 lab: install
 	$(BIN)/jupyter lab $(ROOT_ARGS) --LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate $(LAB_ARGS) \
@@ -70,5 +70,17 @@ test-latest: install
 lock: install
 	$(BIN)/python tools/releases.py lock
 
+# peftlab's bottleneck adapters against AdapterHub's adapters 1.3.0, which needs transformers 4.57: in a venv of its own,
+# .venv-adapters (not part of make test); the record goes to benchmarks/results/adapters_reference.json.
+REF_VENV := .venv-adapters
+$(REF_VENV)/.installed:
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" adapters==1.3.0 "transformers~=4.57" safetensors
+	touch $@
+
+reference-adapters: install $(REF_VENV)/.installed
+	$(BIN)/python tools/adapters_reference.py export
+	$(REF_VENV)/bin/python tools/adapters_reference.py compare
+
 clean:
-	rm -rf $(VENV) .venv-latest .pytest_cache .ruff_cache
+	rm -rf $(VENV) .venv-latest $(REF_VENV) .pytest_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Houlsby adapters. peft has no Houlsby adapter, so counts are checked against the closed form 2dm + d + m."""
+"""Houlsby and Pfeiffer adapters. peft has none, so counts are checked against the closed form 2dm + d + m (the logits
+against AdapterHub's adapters 1.3.0: make reference-adapters, outside this suite)."""
 
 import pytest
 import torch
@@ -128,8 +129,11 @@ def test_a_single_placement_may_be_a_string():
     ("kwargs", "message"),
     [
         ({"bottleneck": 0}, "bottleneck must be a whole number of at least 1"),
-        ({"placement": ("attention", "mlp")}, r"placement must be one or both of \('attention', 'ffn'\)"),
-        ({"placement": ()}, "placement must be one or both"),
+        (
+            {"placement": ("attention", "mlp")},
+            r"placement must be one or more of \('attention', 'ffn', 'ffn_after_norm'\)",
+        ),
+        ({"placement": ()}, "placement must be one or more"),
         ({"non_linearity": "tanh"}, "Unknown non_linearity 'tanh'; use one of relu, gelu"),
         ({"init_scale": 0.0}, "init_scale must be positive"),
         ({"layers": [1, 1]}, "distinct block indices"),
@@ -151,3 +155,51 @@ def test_bad_applications_say_what_to_change():
         adapter.apply(model, adapter.AdapterConfig(bottleneck=4))
     with pytest.raises(TypeError, match="takes an AdapterConfig"):
         adapter.apply(models.tiny_model("llama"), object())
+
+
+def test_pfeiffer_adapter_computes_its_formula_and_counts_one_adapter_per_block():
+    """Pfeiffer: LN(s + g(LN(s))) around the FFN's output LayerNorm, one adapter per block, starting as the base."""
+    base, model = tiny("bert"), tiny("bert")
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=4, placement=adapter.PFEIFFER, train_norms=False))
+    batch = batch_for(base)
+    torch.testing.assert_close(logits(model, batch), logits(base, batch), atol=1e-6, rtol=0)
+    d, blocks = model.config.hidden_size, model.config.num_hidden_layers
+    assert count_parameters(model).trainable == blocks * adapter.adapter_parameter_count(d, 4) + d * 3 + 3
+    wrapped = model.bert.encoder.layer[0].output.LayerNorm
+    assert isinstance(wrapped, adapter.AdapterAfterNorm)
+    torch.manual_seed(0)
+    bottleneck = wrapped.adapter["default"]
+    for param in bottleneck.parameters():
+        torch.nn.init.normal_(param)
+    s = torch.randn(2, 5, d)
+    norm = wrapped.base_layer
+    expected = norm(s + bottleneck.up(torch.relu(bottleneck.down(norm(s)))))
+    torch.testing.assert_close(wrapped(s), expected)
+
+
+def test_houlsby_and_pfeiffer_together_and_the_meta_count_of_bert_base():
+    model = models.meta_model("bert-base")
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=64, placement=adapter.PFEIFFER, train_norms=False))
+    assert count_parameters(model).trainable == 12 * adapter.adapter_parameter_count(768, 64) == 1_189_632
+    model = tiny("bert")
+    adapter.apply(model, adapter.AdapterConfig(bottleneck=4, placement=(*adapter.HOULSBY, "ffn_after_norm")))
+    kinds = {type(m).__name__ for m in model.modules() if isinstance(m, adapter.AdapterLayer)}
+    assert kinds == {"AdapterWrapped", "AdapterAfterNorm"}
+
+
+def test_bad_placements_and_missing_modules_say_what_to_change():
+    with pytest.raises(
+        ValueError, match=r"needs a LayerNorm after the FFN's residual add, and llama blocks are pre-norm"
+    ):
+        adapter.apply(models.tiny_model("llama"), adapter.AdapterConfig(bottleneck=4, placement=adapter.PFEIFFER))
+    model = tiny("bert")
+    del model.bert.encoder.layer[1].output.dense
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"has no module bert\.encoder\.layer\.1\.output\.dense, where placement"):
+        adapter.apply(model, adapter.AdapterConfig(bottleneck=4))
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before  # refused before anything changed
+    assert not any(isinstance(m, adapter.AdapterLayer) for m in model.modules())
+    with pytest.raises(ValueError, match=r"bottleneck=33 is wider than the hidden size d=32"):
+        adapter.apply(tiny("bert"), adapter.AdapterConfig(bottleneck=33, placement=adapter.PFEIFFER))
+    with pytest.raises(TypeError, match=r"wraps an nn\.LayerNorm, not Linear"):
+        adapter.AdapterAfterNorm(torch.nn.Linear(4, 4))
