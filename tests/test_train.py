@@ -132,6 +132,28 @@ def test_answering_the_majority_class_scores_its_share_and_a_low_macro_f1():
     assert metrics["macro_f1"] == pytest.approx((2 * 0.7 * 1 / 1.7) / 3)  # F1 of the majority class, 0 for the others
 
 
+def test_every_run_shuffles_a_shared_loader_from_its_first_state():
+    """Two runs given one seeded loader train on the same batches in the same order (they used to continue the
+    shuffle where the last run stopped, so methods compared on one loader saw different data)."""
+
+    class Pad:
+        pad_token_id = 0
+
+    features = [{"input_ids": [5 + i] * 4, "attention_mask": [1] * 4, "labels": i % 2} for i in range(8)]
+    loader = data.make_loader(features, Pad, batch_size=2, shuffle=True, seed=3)
+    runs = []
+    for _ in range(2):
+        seen = []
+        model = models.tiny_model("bert", task="classification", num_labels=2)
+        model.bert.embeddings.register_forward_pre_hook(
+            lambda module, args, kwargs, seen=seen: seen.append(kwargs["input_ids"][:, 0].tolist()), with_kwargs=True
+        )
+        train.train(model, loader, train.TrainConfig(max_steps=4, learning_rate=1e-3), progress=False)
+        runs.append(seen)
+    assert runs[0] == runs[1] and len(runs[0]) == 4
+    assert runs[0] != [[5, 6], [7, 8], [9, 10], [11, 12]]  # shuffled, not in file order
+
+
 def test_classification_training_beats_chance_on_a_separable_task():
     model = models.tiny_model("bert", task="classification", num_labels=2)
     features = [{"input_ids": [5 + label] * 6, "attention_mask": [1] * 6, "labels": label} for label in (0, 1)] * 8
