@@ -12,14 +12,16 @@ Inference is one forward pass without gradients, in eval mode; training is one s
 one), the rows in alternating blocks (``timing.alternate``, 2 rounds) so that drift falls on all; the median of
 the 6 steps is reported.
 
-Writes ``benchmarks/results/adapter_drop_speed.json``: device, date, versions, threads, the settings, and one row
-per model with its trainable parameters and both median step times (seconds).
+Writes ``benchmarks/results/adapter_drop_speed.json``: device, date, versions, threads, the machine's load average
+before and after (a shared CPU's times scatter with it), the settings, and one row per model with its trainable
+parameters and both median step times (seconds).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import os
 import sys
 from datetime import date
 from pathlib import Path
@@ -77,6 +79,7 @@ def main() -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (BATCH,))}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     models_by_row = variants(batch)
+    load_before = os.getloadavg()[0]
 
     def inference(model):
         def block():
@@ -102,6 +105,8 @@ def main() -> None:
             for row, model in models_by_row.items()]  # fmt: skip
     record = {"device": env.device_name(device), "date": date.today().isoformat(),
               "versions": env.package_versions(), "threads": torch.get_num_threads(),
+              "load_average": {"before": load_before, "after": os.getloadavg()[0],
+                               "note": "1-minute load average of the machine (other jobs included)"},
               "settings": {"model": "MiniLM-L6 (offline encoder), 3-class head", "adapters": list(NAMES),
                            "placement": "ffn", "bottleneck": BOTTLENECK, "batch_size": BATCH, "seq_len": TOKENS,
                            "steps": STEPS, "warmup": WARMUP, "rounds": ROUNDS, "statistic": "median"},

@@ -54,6 +54,8 @@ from peftlab.methods.layers import AdapterLayer
 from peftlab.params import kind_of, layer_of
 
 DEFAULT_FUSION = "fusion"
+#: The adapter placements a fusion layer wraps (:class:`~peftlab.methods.adapter.AdapterWrapped` projections).
+FUSED_PLACEMENTS = ("attention", "ffn")
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,11 @@ def apply(model: nn.Module, config: FusionConfig, adapter: str = DEFAULT_FUSION)
         _check_known(applied, name)
         if not isinstance(applied.configs[name], AdapterConfig):
             raise ValueError(f"{name!r} is a fusion, not an adapter: fuse adapters (one level of fusion).")
+    unsupported = {name: applied.configs[name].placement for name in config.adapters
+                   if not set(applied.configs[name].placement) <= set(FUSED_PLACEMENTS)}  # fmt: skip
+    if unsupported:
+        raise ValueError(f"AdapterFusion here mixes adapters after a projection (placements {FUSED_PLACEMENTS}); "
+                         f"{unsupported} are placed elsewhere.")  # fmt: skip
     _, blocks = transformer_blocks(model, needed_by="AdapterFusion")
     where = {name: (applied.configs[name].placement, _adapted_layers(applied.configs[name], len(blocks)))
              for name in config.adapters}  # fmt: skip
