@@ -368,9 +368,12 @@ def _describe_linear(module: nn.Module) -> Linear:
     """A projection as the estimator sees it (:class:`Linear`): every method layer around it describes itself
     (:meth:`peftlab.methods.layers.AdapterLayer.describe`), down to the base: a plain or 4-bit weight."""
     description = Linear(0, 0)
+    described = set()  # a layer wrapping another (AdapterFusion's around adapters) speaks for it: outer wins
     while isinstance(module, AdapterLayer):
         for name, value in module.describe().items():
-            setattr(description, name, value)
+            if name not in described:
+                setattr(description, name, value)
+                described.add(name)
         dropped = _lora_dropped(module)
         if dropped:
             description.lora_dropped = dropped
