@@ -296,6 +296,12 @@ def test_bad_fusions_say_what_to_change():
         fusion.apply(model, fusion.FusionConfig(adapters=("tweets", "fusion")), adapter="again")
 
 
+def test_adapters_after_the_norm_are_refused():
+    model = with_adapters(names=("tweets", "headlines"), placement=adapter.PFEIFFER)
+    with pytest.raises(ValueError, match=r"AdapterFusion here mixes adapters after a projection"):
+        fusion.apply(model, fusion.FusionConfig(adapters=("tweets", "headlines")))
+
+
 def test_adapters_of_different_bottlenecks_fuse():
     model = tiny()
     for name, m in (("narrow", 2), ("wide", 8)):

@@ -223,7 +223,8 @@ def apply(model: nn.Module, config: FusionConfig, adapter: str = DEFAULT_FUSION)
                    if not set(applied.configs[name].placement) <= set(FUSED_PLACEMENTS)}  # fmt: skip
     if unsupported:
         raise ValueError(f"AdapterFusion here mixes adapters after a projection (placements {FUSED_PLACEMENTS}); "
-                         f"{unsupported} are placed elsewhere.")  # fmt: skip
+                         f"{unsupported} are placed elsewhere: train the adapters to fuse with placement 'ffn' "
+                         "(or 'attention', or both).")  # fmt: skip
     _, blocks = transformer_blocks(model, needed_by="AdapterFusion")
     where = {name: (applied.configs[name].placement, _adapted_layers(applied.configs[name], len(blocks)))
              for name in config.adapters}  # fmt: skip
