@@ -345,10 +345,11 @@ def train(
         start, skip = resumed["step"], resumed["batches"]
         torch.set_rng_state(resumed["torch_rng"])
     if getattr(loader, "generator", None) is not None:  # every run shuffles from the loader's first state
-        if not resumed:  # its seed: two runs on one loader see the same batches (make_loader seeds the generator)
+        if resumed:
+            loader.generator.set_state(resumed["loader_generator"])
+        else:  # its seed: two runs on one loader see the same batches (make_loader seeds the generator)
             loader.generator.manual_seed(loader.generator.initial_seed())
-        initial_generator = resumed["loader_generator"] if resumed else loader.generator.get_state()
-        loader.generator.set_state(initial_generator)
+        initial_generator = loader.generator.get_state()
     else:
         initial_generator = None
     if device.type == "cuda":
