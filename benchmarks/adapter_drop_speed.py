@@ -1,7 +1,8 @@
 """How much faster does AdapterDrop make MiniLM-L6 with adapters and AdapterFusion? Inference and training step
 times on the CPU, with the adapters (and the fusion) of the first n blocks dropped.
 
-    python benchmarks/adapter_drop_speed.py            # the rows below, on the CPU (minutes on 2 shared cores)
+    python benchmarks/adapter_drop_speed.py                # the rows below, on the CPU (minutes on 2 shared cores)
+    python benchmarks/adapter_drop_speed.py --device cuda  # the same rows on a GPU (fp32, as the CPU's)
 
 MiniLM-L6 (the offline encoder, 6 blocks, d = 384) with a 3-class head and three adapters after the FFN
 (bottleneck 48, norms frozen, random W_up so that they compute something), as notebook 07 builds them. The rows:
@@ -12,13 +13,14 @@ Inference is one forward pass without gradients, in eval mode; training is one s
 one), the rows in alternating blocks (``timing.alternate``, 2 rounds) so that drift falls on all; the median of
 the 6 steps is reported.
 
-Writes ``benchmarks/results/adapter_drop_speed.json``: device, date, versions, threads, the machine's load average
-before and after (a shared CPU's times scatter with it), the settings, and one row per model with its trainable
-parameters and both median step times (seconds).
+Writes ``benchmarks/results/adapter_drop_speed.json`` (the CPU) or ``adapter_drop_speed_cuda.json`` (a GPU): device,
+date, versions, threads, the machine's load average before and after (a shared CPU's times scatter with it), the
+settings, and one row per model with its trainable parameters and both median step times (seconds).
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -73,12 +75,18 @@ def variants(batch: dict) -> dict[str, torch.nn.Module]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    device = torch.device(parser.parse_args().device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda, but torch sees no CUDA GPU here: run it on a GPU machine, or leave --device out.")
+    out = RESULTS if device.type == "cpu" else RESULTS.with_name(f"{RESULTS.stem}_{device.type}.json")
     torch.manual_seed(0)
-    device = torch.device("cpu")
     ids = torch.randint(1000, 30_000, (BATCH, TOKENS))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.randint(0, 3, (BATCH,))}
+    models_by_row = {row: model.to(device) for row, model in variants(batch).items()}  # pruned on the CPU batch
+    batch = {k: v.to(device) for k, v in batch.items()}
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    models_by_row = variants(batch)
     load_before = os.getloadavg()[0]
 
     def inference(model):
@@ -111,12 +119,12 @@ def main() -> None:
                            "placement": "ffn", "bottleneck": BOTTLENECK, "batch_size": BATCH, "seq_len": TOKENS,
                            "steps": STEPS, "warmup": WARMUP, "rounds": ROUNDS, "statistic": "median"},
               "rows": rows}  # fmt: skip
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(record, indent=1) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1) + "\n")
     for row in rows:
         print(f"{row['model']:>22}: {row['trainable']:>10,} trainable, inference {1000 * row['inference_seconds']:6.1f}"
               f" ms, training step {1000 * row['train_step_seconds']:6.1f} ms")  # fmt: skip
-    print(f"wrote {RESULTS}")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":
