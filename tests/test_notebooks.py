@@ -149,6 +149,7 @@ def quoted_figures(record: dict) -> list[str]:
     rows += list(record.get("baselines", {}).values())  # a notebook's own runs of LoRA and full fine-tuning
     if isinstance(record.get("minilm"), list):  # notebook 10: one row per MiniLM run
         rows += record["minilm"]
+    rows += [row for row in record.get("summary", []) if "accuracy" in row]  # a sweep over seeds: its mean accuracies
     figures = [f"{row['accuracy']:.3f}" for row in rows]
     figures += [f"{row['mean']:.3f}" for row in record.get("tfew", {}).get("summary", [])]  # a loss ablation's means
     if isinstance(record.get("runs"), dict):  # a sweep with seeds, e.g. notebook 12's β: the mean held-out accuracy
