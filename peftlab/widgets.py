@@ -51,7 +51,11 @@ SEQ_LENS = tuple(2**i for i in range(7, 14))  # 128 … 8192
 EXPECTED_ERRORS = (ValueError, NotImplementedError, LookupError)
 GIB = 2**30
 #: The knobs' controls, laid out in rows (alpha is a knob of the pure functions, not a control).
-KNOB_ROWS = [["r", "target_modules", "threshold"], ["num_virtual_tokens", "bottleneck", "trainable_layers"]]
+KNOB_ROWS = [
+    ["r", "target_modules", "threshold"],
+    ["num_virtual_tokens", "bottleneck", "trainable_layers"],
+    ["num_adapters", "dropped"],
+]
 KNOB_CONTROLS = [name for row in KNOB_ROWS for name in row]
 
 
@@ -72,8 +76,9 @@ def method_config(method: str, model: nn.Module, **knobs):
 
     The knobs of each method are the registry's (``KNOBS``): the LoRA family ``r``, ``alpha``, ``target_modules``
     (``"attention q,v"``, ``"all linear"``, or what :class:`~peftlab.methods.lora.LoRAConfig` takes), LoRA-drop's
-    ``threshold``; the soft prompts and prefixes ``num_virtual_tokens``; adapters ``bottleneck``; Freeze
-    ``trainable_layers``. A knob set to ``None`` keeps the default.
+    ``threshold``; the soft prompts and prefixes ``num_virtual_tokens``; adapters ``bottleneck``; AdapterFusion
+    ``num_adapters``, ``bottleneck`` and ``dropped`` (AdapterDrop's first blocks); Freeze ``trainable_layers``. A knob
+    set to ``None`` keeps the default.
     """
     config = default_config(method, model)  # checks the method's name
     if knobs.get("target_modules") is not None:
@@ -247,6 +252,16 @@ def _knob_controls(architecture: str, knobs: dict) -> dict[str, widgets.Widget]:
             description="Freeze: trained blocks",
             style=_STYLE,
         ),
+        "num_adapters": widgets.IntSlider(
+            value=knobs.get("num_adapters", 3), min=2, max=8, description="fusion: adapters fused", style=_STYLE
+        ),
+        "dropped": widgets.IntSlider(
+            value=min(knobs.get("dropped", 0), layers - 1),
+            min=0,
+            max=layers - 1,
+            description="AdapterDrop: first blocks dropped",
+            style=_STYLE,
+        ),
         "threshold": widgets.FloatSlider(
             value=knobs.get("threshold", 0.9),
             min=0.05,
@@ -310,6 +325,9 @@ class Explorer(widgets.VBox):
                 layers = models.architecture_config(change["new"]).num_hidden_layers
                 slider.value = min(slider.value, layers)
                 slider.max = layers
+                dropped = self.controls["dropped"]
+                dropped.value = min(dropped.value, layers - 1)
+                dropped.max = layers - 1
             if change["owner"] is self.controls.get("method"):
                 self._show_knobs()
         finally:

@@ -320,3 +320,36 @@ def test_bad_drops_say_what_to_change():
         fusion.drop(model, 2)
     with pytest.raises(ValueError, match="works on bottleneck adapters"):
         fusion.drop(tiny(), 1)
+
+
+@pytest.mark.parametrize("dropped", [0, 2, 5])
+def test_the_registry_entry_counts_the_fusion_of_the_blocks_left(dropped):
+    """By name (the explorers, the estimator): L' (3d² + 3d) trainable on MiniLM, L' = 6 − dropped blocks; the
+    adapters are there and frozen, W_up = 0 (untrained stage-1 adapters), the first blocks hold none."""
+    from peftlab.methods import apply_method
+
+    model = models.meta_model("minilm-l6")
+    apply_method(model, "adapter-fusion", fusion.AdapterFusionConfig(num_adapters=3, bottleneck=48, dropped=dropped))
+    assert count_parameters(model).trainable == (6 - dropped) * fusion.fusion_parameter_count(384)
+    adapters = [name for name, _ in model.named_parameters() if ".adapter." in name]
+    assert adapters and all(int(name.split("layer.")[1].split(".")[0]) >= dropped for name in adapters)
+    assert len(fusion.fusion_layers(model)) == 6 - dropped
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"num_adapters": 1}, "num_adapters must be a whole number of at least 2"),
+    ({"bottleneck": 0}, "bottleneck must be a whole number of at least 1"),
+    ({"dropped": -1}, "dropped must be a whole number of at least 0"),
+])  # fmt: skip
+def test_the_registry_config_refuses_what_cannot_fuse(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fusion.AdapterFusionConfig(**kwargs)
+
+
+def test_dropping_every_block_is_refused_before_the_model_changes():
+    model = tiny()
+    before = {name for name, _ in model.named_modules()}
+    blocks = model.config.num_hidden_layers
+    with pytest.raises(ValueError, match=f"has {blocks} blocks, so drop at most {blocks - 1}"):
+        fusion.apply_adapter_fusion(model, fusion.AdapterFusionConfig(dropped=blocks))
+    assert {name for name, _ in model.named_modules()} == before

@@ -16,6 +16,7 @@ from peftlab.methods import (
     adapter,
     apply_method,
     disabled,
+    fusion,
     ia3,
     lora,
     prefix,
@@ -31,7 +32,10 @@ CANNOT = {("bitfit", "llama"): "has no bias parameters", ("bitfit", "mistral"): 
              ("llama", "qwen2", "mistral", "gpt2")}}  # fmt: skip
 GENERATING = ("llama", "gpt2")
 #: Configs that fit the tiny models (hidden size 32): an adapter's bottleneck must be narrower than that.
-KNOBS_FOR_TINY = {"adapter": lambda model: adapter.AdapterConfig(bottleneck=4)}
+KNOBS_FOR_TINY = {
+    "adapter": lambda model: adapter.AdapterConfig(bottleneck=4),
+    "adapter-fusion": lambda model: fusion.AdapterFusionConfig(bottleneck=4),
+}
 
 
 def tiny(arch: str):
@@ -77,7 +81,8 @@ def test_every_method_applies_by_name_records_itself_trains_and_switches_off(met
     model = apply_method(tiny(arch), method, KNOBS_FOR_TINY.get(method, lambda m: None)(base))
     if method == "qlora":  # switched off, a QLoRA model is its 4-bit base: the same model with B = 0
         expected = logits(apply_method(tiny(arch), method), batch)
-    assert record(model).method in (method, "lora")  # LoRA-FA and LoRA+ are LoRA with other settings
+    # LoRA-FA and LoRA+ are LoRA with other settings; a fusion is recorded with the adapters it fuses
+    assert record(model).method in (method, "adapter" if method == "adapter-fusion" else "lora")
     randomise_trainable(model)
     adapted = logits(model, batch)
     assert torch.isfinite(adapted).all() and (adapted - expected).abs().max() > 1e-6

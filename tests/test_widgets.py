@@ -230,6 +230,16 @@ def test_freeze_slider_follows_the_depth_of_the_architecture():
     assert explorer.error is None and explorer.result.architecture == "minilm-l6"
 
 
+def test_fusion_explorer_shows_its_knobs_and_dropping_follows_the_depth():
+    explorer = widgets.parameter_explorer(architecture="bert-base", method="adapter-fusion", dropped=11)
+    shown = {name for name, control in explorer.controls.items() if control.layout.display != "none"}
+    assert shown == {"architecture", "method", "num_adapters", "bottleneck", "dropped"}
+    assert explorer.controls["dropped"].max == 11 and "1,771,776" in explorer.summary.value  # 3·768² + 3·768, once
+    explorer.controls["architecture"].value = "minilm-l6"
+    assert explorer.controls["dropped"].max == 5 and explorer.controls["dropped"].value == 5
+    assert explorer.error is None and explorer.result.trainable == 3 * 384**2 + 3 * 384
+
+
 def test_parameter_explorer_shows_a_failing_combination_as_a_sentence():
     explorer = widgets.parameter_explorer(architecture="llama-2-7b", method="bitfit")
     assert "has no bias parameters" in explorer.summary.value and explorer.result is None

@@ -7,7 +7,8 @@ trained, records what it did on the model (``model.peftlab``), and returns a mod
 * :mod:`~peftlab.methods.selective`: full fine-tuning, Freeze (top-k blocks), BitFit (biases);
 * :mod:`~peftlab.methods.prompt`: prompt tuning and P-tuning (soft prompts at the input);
 * :mod:`~peftlab.methods.prefix`: prefix tuning and P-tuning v2 (keys and values in every layer);
-* :mod:`~peftlab.methods.adapter`: Houlsby bottleneck adapters;
+* :mod:`~peftlab.methods.adapter`: bottleneck adapters (Houlsby's two per block, Pfeiffer's one);
+* :mod:`~peftlab.methods.fusion`: AdapterFusion over named adapters, AdapterDrop, pruning;
 * :mod:`~peftlab.methods.lora`: LoRA, rsLoRA, LoRA-FA, LoRA+; merge and peft's adapter format;
 * :mod:`~peftlab.methods.qlora`: LoRA on an NF4 base (:mod:`peftlab.quant` builds NF4 from scratch);
 * :mod:`~peftlab.methods.adalora`: AdaLoRA, ΔW = PΛQ with a rank budget (its loss and rank allocator plug into the
@@ -34,7 +35,7 @@ from typing import Any
 from torch import nn
 
 from peftlab.families import family_of
-from peftlab.methods import adalora, adapter, ia3, lora, lora_drop, prefix, prompt, qlora, selective
+from peftlab.methods import adalora, adapter, fusion, ia3, lora, lora_drop, prefix, prompt, qlora, selective
 from peftlab.methods.hooks import TrainingHooks
 from peftlab.methods.layers import DEFAULT_ADAPTER, disabled, record, set_active
 from peftlab.methods.targets import ALL_LINEAR
@@ -116,6 +117,10 @@ REGISTRY: dict[str, Method] = {
                {"num_virtual_tokens": "num_virtual_tokens"}, checkpointable=False),
         Method("adapter", "bottleneck adapters", "Houlsby et al., 2019, arXiv:1902.00751", adapter.AdapterConfig,
                lambda m: adapter.AdapterConfig(), adapter.apply, {"bottleneck": "bottleneck"}),
+        Method("adapter-fusion", "AdapterFusion (with AdapterDrop)",
+               "Pfeiffer et al., 2021, arXiv:2005.00247; Rücklé et al., 2021, arXiv:2010.11918",
+               fusion.AdapterFusionConfig, lambda m: fusion.AdapterFusionConfig(), fusion.apply_adapter_fusion,
+               {"num_adapters": "num_adapters", "bottleneck": "bottleneck", "dropped": "dropped"}),
         Method("lora", "LoRA", "Hu et al., 2021, arXiv:2106.09685", lora.LoRAConfig, _lora, lora.apply, LORA_KNOBS,
                hooks=lora.training_hooks),
         Method("lora-fa", "LoRA-FA", "Zhang et al., 2023, arXiv:2308.03303", lora.LoRAConfig,

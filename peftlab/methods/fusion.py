@@ -50,6 +50,7 @@ from torch import nn
 from peftlab.families import transformer_blocks
 from peftlab.methods import adapter, layers, targets
 from peftlab.methods.adapter import AdapterConfig, AdapterWrapped
+from peftlab.methods.adapter import apply as apply_adapter  # beside an argument named `adapter`
 from peftlab.methods.layers import AdapterLayer
 from peftlab.params import kind_of, layer_of
 
@@ -259,6 +260,44 @@ def apply(model: nn.Module, config: FusionConfig, adapter: str = DEFAULT_FUSION)
     layers.remember(model, "adapter", adapter, config)
     layers.set_active(model, adapter)
     return model
+
+
+@dataclass(frozen=True)
+class AdapterFusionConfig:
+    """AdapterFusion on one model in a single call, as the method registry, the explorers and the memory estimator
+    need it: ``num_adapters`` frozen adapters of ``bottleneck`` after the FFN of every block (stage 1's, untrained
+    here: W_up = 0), a fusion over them (stage 2, trained), and AdapterDrop's first ``dropped`` blocks without
+    either. It counts and estimates what training stage 2 costs; to train, run the two stages (notebook 07:
+    :func:`copy_adapter` the trained adapters, then :func:`apply`)."""
+
+    num_adapters: int = 3
+    bottleneck: int = 48
+    dropped: int = 0
+    init_scale: float = 0.02
+
+    def __post_init__(self):
+        for field, least in (("num_adapters", 2), ("bottleneck", 1), ("dropped", 0)):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                raise ValueError(f"{field} must be a whole number of at least {least}, got {value!r}.")
+
+
+def apply_adapter_fusion(model: nn.Module, config: AdapterFusionConfig, adapter: str = DEFAULT_FUSION) -> nn.Module:
+    """Stage 1's adapters (named ``task1`` … ``taskN``, norms frozen, placement ``"ffn"``), the fusion ``adapter``
+    over them, and :func:`drop` of the first ``config.dropped`` blocks. The adapters' bottleneck and the number of
+    blocks dropped are checked before the model changes."""
+    if not isinstance(config, AdapterFusionConfig):
+        raise TypeError(f"apply_adapter_fusion takes an AdapterFusionConfig, got {type(config).__name__}.")
+    _, blocks = transformer_blocks(model, needed_by="AdapterFusion")
+    if config.dropped >= len(blocks):
+        raise ValueError(f"dropped={config.dropped} would leave no adapter: {type(model).__name__} has "
+                         f"{len(blocks)} blocks, so drop at most {len(blocks) - 1}.")  # fmt: skip
+    names = tuple(f"task{n}" for n in range(1, config.num_adapters + 1))
+    stage_1 = AdapterConfig(bottleneck=config.bottleneck, placement="ffn", train_norms=False)
+    for name in names:
+        apply_adapter(model, stage_1, adapter=name)
+    apply(model, FusionConfig(adapters=names, init_scale=config.init_scale), adapter)
+    return drop(model, config.dropped)
 
 
 def _base_parameters(model: nn.Module) -> dict[str, torch.Tensor]:
