@@ -489,6 +489,24 @@ def split(rows: list[dict], validation: float = 0.1, test: float = 0.1, seed: in
     return splits
 
 
+def balanced_sample(rows: list[dict], per_class: int, seed: int = 0, field: str = "label") -> list[dict]:
+    """``per_class`` rows of each value of ``field``, drawn with ``seed`` and shuffled together: a few-shot
+    training set in which no class dominates, or a validation set on which answering one class scores 1/C."""
+    if per_class < 1:
+        raise DataError(f"per_class must be at least 1, got {per_class}.")
+    groups: dict = {}
+    for row in rows:
+        groups.setdefault(row[field], []).append(row)
+    if not groups:
+        raise DataError("balanced_sample got no rows: the data set is empty.")
+    if short := {key: len(members) for key, members in groups.items() if len(members) < per_class}:
+        raise DataError(f"Too few rows for {per_class} per class: {short} ({field}: count). Lower per_class.")
+    generator = random.Random(seed)
+    sample = [row for key in sorted(groups, key=repr) for row in generator.sample(groups[key], per_class)]
+    generator.shuffle(sample)
+    return sample
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Formatting and label masking
 # ----------------------------------------------------------------------------------------------------------------

@@ -302,6 +302,21 @@ def test_split_is_stratified_seeded_and_covers_every_row():
         data.split([])
 
 
+def test_balanced_sample_draws_per_class_rows_seeded_and_refuses_too_few():
+    rows = [{"text": f"t{i}", "label": 0 if i < 70 else 1 + i % 2} for i in range(100)]  # 70, 15, 15
+    sample = data.balanced_sample(rows, per_class=5, seed=3)
+    assert Counter(r["label"] for r in sample) == Counter({0: 5, 1: 5, 2: 5})
+    assert len({r["text"] for r in sample}) == 15 and all(r in rows for r in sample)
+    assert [r["label"] for r in sample] != sorted(r["label"] for r in sample)  # shuffled, not class after class
+    assert sample == data.balanced_sample(rows, per_class=5, seed=3) != data.balanced_sample(rows, 5, seed=4)
+    with pytest.raises(data.DataError, match=r"Too few rows for 16 per class: \{1: 15, 2: 15\}"):
+        data.balanced_sample(rows, per_class=16)
+    with pytest.raises(data.DataError, match="per_class must be at least 1"):
+        data.balanced_sample(rows, per_class=0)
+    with pytest.raises(data.DataError, match="got no rows"):
+        data.balanced_sample([], per_class=1)
+
+
 def test_teaching_rows_with_empty_texts_or_boolean_labels_are_refused(tmp_path, monkeypatch):
     shutil.copy(REPO_DATA / "catalogue.json", tmp_path)
     monkeypatch.setattr(data, "project_data_dir", lambda: tmp_path)
