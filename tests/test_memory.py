@@ -14,7 +14,7 @@ from transformers import (
 )
 
 from peftlab import memory, models
-from peftlab.methods import adalora, apply_method, lora, qlora
+from peftlab.methods import adalora, adapter, apply_method, lora, qlora
 
 B, T = 2, 32
 
@@ -67,6 +67,25 @@ def test_saved_activations_match_the_estimate_within_10_percent(arch, method, pr
         ),
         applied=True,
     ).saved_bytes
+    assert estimated == pytest.approx(measured, rel=0.10), f"estimate {estimated:,} vs measured {measured:,}"
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "bf16-mixed"])
+@pytest.mark.parametrize("variant", ["pfeiffer", "fusion"])
+def test_pfeiffer_adapters_and_adapter_fusion_match_the_estimate_within_10_percent(variant, precision):
+    """Pfeiffer's adapter sits around a LayerNorm, not after a projection, and a fusion saves its own attention
+    over N adapters, (2N + 3)·d numbers per token: before the estimator knew either, it said 0.68 and 0.54 of these
+    measurements."""
+    torch.manual_seed(0)
+    model = small_model("bert", "sdpa", "fp32" if precision == "bf16-mixed" else precision)
+    if variant == "pfeiffer":
+        model = adapter.apply(model, adapter.AdapterConfig(placement=adapter.PFEIFFER))
+    else:
+        model = apply_method(model, "adapter-fusion")
+    measured = memory.saved_tensor_bytes(model.train(), batch_for("bert"), autocast=precision == "bf16-mixed")
+    method = "adapter" if variant == "pfeiffer" else "adapter-fusion"  # recorded as "adapter": either name is taken
+    setup = memory.Setup(method=method, batch_size=B, seq_len=T, precision=precision, device="cpu")
+    estimated = memory.estimate(model, setup, applied=True).saved_bytes
     assert estimated == pytest.approx(measured, rel=0.10), f"estimate {estimated:,} vs measured {measured:,}"
 
 

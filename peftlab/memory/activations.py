@@ -27,7 +27,9 @@ class Linear:
     lora_rank: int = 0
     lora_a_trains: bool = True
     ia3: str = ""  # "", "output" or "input"
-    adapter_bottleneck: int = 0
+    adapter_bottleneck: int = 0  # trained bottleneck adapters after the projection (Houlsby): their total width
+    fusion_adapters: int = 0  # AdapterFusion over N frozen adapters after the projection: N
+    fusion_bottleneck: int = 0  # and their total width
     lora_dropped: int = 0  # applied LoRA adapters whose A reads a dropped copy of x (dropout > 0, in training)
     lora_undropped: bool = True  # whether an applied adapter reads x itself
 
@@ -145,7 +147,29 @@ def _linear(tally: Tally, name: str, layer: Linear, rows: int, source: str, inpu
         if p.autocast:
             tally.add("bf16 weight copies (autocast)", 2 * layer.out_features * layer.adapter_bottleneck, 2)
         output_needs_grad = True
+    if layer.fusion_adapters:
+        _fusion(tally, layer, rows, input_needs_grad or layer.weight_trains, p)
+        output_needs_grad = True
     return output_needs_grad
+
+
+def _fusion(tally: Tally, layer: Linear, rows: int, h_needs_grad: bool, p: Precision) -> None:
+    """What AdapterFusion over N frozen adapters saves after a projection with output h (d per token):
+    s = softmax((h W_Q)·(z_n W_K)), o = h + (Σ s_n z_n) W_V (:mod:`peftlab.methods.fusion`). The trained W_Q, W_K
+    and W_V save their inputs: h, the stacked adapter outputs z (N·d) and the mix Σ s_n z_n (d); the score product
+    saves both its operands, z W_K (N·d) and h W_Q (d); the softmax its output s (N), which the mix shares, as it
+    shares z. So (2N + 3)·d + N per token. The adapters are frozen: their W_down saves nothing, and their
+    non-linearity keeps its m numbers only where h needs a gradient (below a trained block)."""
+    n, d = layer.fusion_adapters, layer.out_features
+    tally.add("fusion: h, h W_Q and the mix", 3 * rows * d, p.compute)
+    tally.add("fusion: adapter outputs z and z W_K", 2 * n * rows * d, p.compute)
+    tally.add("fusion: attention weights", n * rows, p.compute)
+    if h_needs_grad:
+        tally.add("adapter bottleneck", rows * layer.fusion_bottleneck, p.compute)
+    if p.autocast:
+        tally.add("bf16 weight copies (autocast)", 3 * d * d, 2)
+        if h_needs_grad:
+            tally.add("bf16 weight copies (autocast)", 2 * d * layer.fusion_bottleneck, 2)
 
 
 def _attention(tally: Tally, dims: Dims, attn: str, p: Precision, gqa_in_kernel: bool, softmax_fp32: bool,
@@ -320,10 +344,14 @@ def _gpt2_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream
 
 
 def _bert_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream_needs_grad: bool, attn: str,
-                p: Precision, dropouts: Dropouts | None = None) -> Tally:  # fmt: skip
+                p: Precision, dropouts: Dropouts | None = None, norm_adapter: int = 0) -> Tally:  # fmt: skip
     """Saved tensors of one BERT block (q, k, v → attention → dense → LayerNorm(+x) → GELU FFN → LayerNorm(+x)).
     Dropout in training saves a mask per element after each dense layer: one byte on CUDA (a fused kernel's boolean
-    mask), an element of the layer's output dtype on a CPU (there dropout multiplies by a scaled mask)."""
+    mask), an element of the layer's output dtype on a CPU (there dropout multiplies by a scaled mask).
+
+    ``norm_adapter``: the width of Pfeiffer's trained adapters around the last LayerNorm, LN(s + g(LN(s))). The
+    adapter saves the first pass's output (its W_down's input, d per token) and its bottleneck (m), and the second
+    pass of the LayerNorm saves its input and statistics, as any LayerNorm with a gradient does."""
     dropouts = dropouts or Dropouts()
     tally = Tally()
     rows, d, f = dims.batch * dims.tokens, dims.hidden, dims.ffn
@@ -347,6 +375,12 @@ def _bert_block(dims: Dims, layers: dict[str, Linear], norms_train: bool, stream
     if dropouts.hidden and down_grad:
         tally.add("dropout masks", rows * d, p.mask_bytes(p.compute))
     _layer_norm(tally, rows, d, x_grad or down_grad, norms_train, p)
+    if norm_adapter:
+        tally.add("adapter inputs", rows * d, p.compute)
+        tally.add("adapter bottleneck", rows * norm_adapter, p.compute)
+        if p.autocast:
+            tally.add("bf16 weight copies (autocast)", 2 * d * norm_adapter, 2)
+        _layer_norm(tally, rows, d, True, norms_train, p)
     return tally
 
 
@@ -449,7 +483,9 @@ def activation_bytes_per_layer(model: nn.Module, batch_size: int, seq_len: int, 
         elif layout == "gpt2":
             per_layer.append(_gpt2_block(dims, layers, norms_train, stream_grad, attn, p, dropouts, activation).total)
         else:
-            per_layer.append(_bert_block(dims, layers, norms_train, stream_grad, attn, p, dropouts).total)
+            norm_adapter = sum(module.describe().get("norm_adapter_bottleneck", 0) for module in block.modules()
+                               if isinstance(module, AdapterLayer))  # fmt: skip
+            per_layer.append(_bert_block(dims, layers, norms_train, stream_grad, attn, p, dropouts, norm_adapter).total)
         stream_grad = stream_grad or block_trains
     return per_layer, dims
 

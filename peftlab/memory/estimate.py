@@ -307,7 +307,7 @@ def estimate(model_or_config, setup: Setup | None = None, applied: bool = False)
         raise TypeError(f"estimate takes a memory.Setup, got {type(setup).__name__}: memory.Setup(method=..., ...).")
     if applied:
         carried = record(model_or_config) if isinstance(model_or_config, nn.Module) else None
-        if carried is None or carried.method != setup.method:
+        if carried is None or carried.method != method(setup.method).record_name:
             have = carried.method if carried else "no method"
             raise ValueError(f"applied=True, but the model carries {have}, not {setup.method!r}: apply it first, or "
                              "pass applied=False to have the estimator apply it to a copy.")  # fmt: skip

@@ -65,6 +65,12 @@ class Method:
     hooks: Callable[[nn.Module, Any], TrainingHooks] | None = None
     freezes_base: bool = True  # False where the method trains the base's own weights (full, Freeze, BitFit)
     checkpointable: bool = True  # False where gradient checkpointing cannot train it (a prefix: the cache is dropped)
+    recorded_as: str = ""  # the method a model it is applied to records, where that is another's (LoRA-FA: LoRA)
+
+    @property
+    def record_name(self) -> str:
+        """What ``record(model).method`` says of a model this method was applied to."""
+        return self.recorded_as or self.name
 
     def configure(self, config, **knobs):
         """``config`` with the knobs set (``None`` keeps a field as it is); an unknown knob says which there are."""
@@ -120,13 +126,16 @@ REGISTRY: dict[str, Method] = {
         Method("adapter-fusion", "AdapterFusion (with AdapterDrop)",
                "Pfeiffer et al., 2021, arXiv:2005.00247; Rücklé et al., 2021, arXiv:2010.11918",
                fusion.AdapterFusionConfig, lambda m: fusion.AdapterFusionConfig(), fusion.apply_adapter_fusion,
-               {"num_adapters": "num_adapters", "bottleneck": "bottleneck", "dropped": "dropped"}),
+               {"num_adapters": "num_adapters", "bottleneck": "bottleneck", "dropped": "dropped"},
+               recorded_as="adapter"),
         Method("lora", "LoRA", "Hu et al., 2021, arXiv:2106.09685", lora.LoRAConfig, _lora, lora.apply, LORA_KNOBS,
                hooks=lora.training_hooks),
         Method("lora-fa", "LoRA-FA", "Zhang et al., 2023, arXiv:2308.03303", lora.LoRAConfig,
-               lambda m: _lora(m, freeze_A=True), lora.apply, LORA_KNOBS, hooks=lora.training_hooks),
+               lambda m: _lora(m, freeze_A=True), lora.apply, LORA_KNOBS, hooks=lora.training_hooks,
+               recorded_as="lora"),
         Method("lora-plus", "LoRA+", "Hayou et al., 2024, arXiv:2402.12354", lora.LoRAConfig,
-               lambda m: _lora(m, loraplus_lr_ratio=16), lora.apply, LORA_KNOBS, hooks=lora.training_hooks),
+               lambda m: _lora(m, loraplus_lr_ratio=16), lora.apply, LORA_KNOBS, hooks=lora.training_hooks,
+               recorded_as="lora"),
         Method("qlora", "QLoRA", "Dettmers et al., 2023, arXiv:2305.14314", qlora.QLoRAConfig,
                lambda m: qlora.QLoRAConfig(lora=lora.LoRAConfig(target_modules=ALL_LINEAR)), qlora.apply,
                NESTED_LORA_KNOBS, apply_on_meta=lambda model, config, name: lora.apply(model, config.lora, name),

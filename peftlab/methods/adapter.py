@@ -193,7 +193,7 @@ class AdapterAfterNorm(AdapterLayer):
         return self.base_layer(s + (h - normed))
 
     def describe(self) -> dict:
-        return {}  # around a norm, not a projection: the estimator's activations leave it out
+        return {"norm_adapter_bottleneck": sum(self.adapter[name].down.out_features for name in self.applied())}
 
 
 def _adapter_sites(model: nn.Module, config: AdapterConfig, blocks_name: str, chosen) -> list[str]:

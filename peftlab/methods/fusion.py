@@ -169,13 +169,17 @@ class FusedAdapters(AdapterLayer):
         return o
 
     def describe(self) -> dict:
-        """The estimator sees the fused adapters' bottlenecks (what they save for backward); the fusion's own
-        activations, about (3N + 2)·d numbers per token, are not in its vocabulary yet."""
+        """For the estimator: the number of fused (frozen) adapters and their total width; the wrapped layer's own
+        description of trained adapters does not apply while the fusion runs them."""
         applied = self.applied()
         if not applied:
             return {}
-        wrapped = self.base_layer
-        return {"adapter_bottleneck": sum(wrapped.adapter[n].down.out_features for n in self.fused[applied[0]])}
+        wrapped, fused = self.base_layer, self.fused[applied[0]]
+        return {
+            "adapter_bottleneck": 0,
+            "fusion_adapters": len(fused),
+            "fusion_bottleneck": sum(wrapped.adapter[n].down.out_features for n in fused),
+        }
 
 
 def fusion_layers(model: nn.Module, name: str | None = None) -> dict[str, FusedAdapters]:
