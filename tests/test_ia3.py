@@ -6,7 +6,7 @@ import torch
 from transformers.pytorch_utils import Conv1D
 
 from peftlab import families, models, train
-from peftlab.methods import ia3
+from peftlab.methods import ia3, layers
 from peftlab.params import count_parameters, summary_by_kind
 
 ARCHS = ("llama", "gpt2", "bert")
@@ -110,6 +110,34 @@ def test_merge_then_unmerge_restores_the_base(arch):
     restored = {n.replace(".base_layer.", "."): p for n, p in model.named_parameters() if "ia3_" not in n}
     for name, weight in base.named_parameters():
         torch.testing.assert_close(restored[name], weight, atol=1e-6, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_merge_and_unload_leaves_the_base_architecture_with_the_same_outputs(arch):
+    model = ia3.apply(tiny(arch), ia3.IA3Config())
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, ia3.IA3Scaled):
+                layer.ia3_l["default"].uniform_(0.5, 1.5)
+    batch = batch_for(model)
+    scaled = outputs(model, batch)
+    unloaded = ia3.merge_and_unload(model)
+    assert not any(isinstance(module, layers.AdapterLayer) for module in unloaded.modules())
+    assert layers.record(unloaded) is None and not any("ia3_" in name for name, _ in unloaded.named_parameters())
+    assert set(unloaded.state_dict()) == set(tiny(arch).state_dict())  # the base model's own names and modules
+    for got, want in zip(outputs(unloaded, batch), scaled, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match=r"has no .* layers: apply"):
+        ia3.merge_and_unload(unloaded)
+
+
+def test_unload_refuses_an_adapter_that_is_not_merged_before_anything_changes():
+    model = ia3.apply(tiny("llama"), ia3.IA3Config())
+    ia3.apply(model, ia3.IA3Config(), adapter="other")  # the active one is now "other"; "default" stays unmerged
+    ia3.merge(model)
+    with pytest.raises(RuntimeError, match=r"adapter\(s\) \['default'\] that are not merged"):
+        layers.unload(model, ia3.IA3Scaled)
+    assert layers.adapter_layers(model, ia3.IA3Scaled) and layers.record(model) is not None
 
 
 def test_merge_scales_rows_columns_and_biases_as_the_formulas_say():

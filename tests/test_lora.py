@@ -11,7 +11,7 @@ from peft.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
 from transformers import AutoModelForCausalLM
 
 from peftlab import models, train
-from peftlab.methods import disabled, ia3, lora, set_active
+from peftlab.methods import disabled, ia3, layers, lora, set_active
 from peftlab.methods.lora import LoRAConfig
 from peftlab.params import count_parameters
 
@@ -114,6 +114,19 @@ def test_merge_gives_peft_merged_weights_and_the_same_outputs(arch):
     for name, layer in lora.lora_layers(ours).items():
         torch.testing.assert_close(layer.base_layer.weight, base[name], atol=1e-6, rtol=0)
     torch.testing.assert_close(outputs(ours, ids), before, **TOLERANCE)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "bert"])
+def test_merge_and_unload_equals_peft_merge_and_unload(arch):
+    ours, theirs = peft_twin(arch, LoRAConfig(r=4, alpha=8, target_modules=TARGETS[arch]))
+    ids = token_ids(ours)
+    unloaded_theirs = theirs.merge_and_unload()
+    unloaded = lora.merge_and_unload(ours)
+    assert not lora.lora_layers(unloaded) and layers.record(unloaded) is None
+    assert set(unloaded.state_dict()) == set(unloaded_theirs.state_dict())  # the base model's names, as peft's
+    for name, weight in unloaded_theirs.state_dict().items():
+        torch.testing.assert_close(unloaded.state_dict()[name], weight, **TOLERANCE, msg=name)
+    torch.testing.assert_close(outputs(unloaded, ids), outputs(unloaded_theirs, ids), **TOLERANCE)
 
 
 def test_merging_twice_unmerging_unmerged_and_merging_a_plain_model_are_refused():

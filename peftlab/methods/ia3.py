@@ -271,6 +271,18 @@ def merge(model: nn.Module) -> nn.Module:
     return layers.merge_all(model, IA3Scaled)
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """:func:`merge`, then every (IA)³ layer replaced by its base layer (:func:`peftlab.methods.layers.unload`):
+    the base architecture with the scaled weights, at exactly the base model's cost. There is no way back."""
+    return unload(merge(model))
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every merged (IA)³ layer by its base layer (:func:`peftlab.methods.layers.unload`); :func:`merge`
+    first."""
+    return layers.unload(model, IA3Scaled)
+
+
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge` (exact up to rounding; l must have no zero, checked before anything changes)."""
     found = layers.merged_layers(model, IA3Scaled, merge=False)

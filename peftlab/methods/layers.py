@@ -184,6 +184,28 @@ def unmerge_all(model: nn.Module, cls: type[AdapterLayer]) -> nn.Module:
     return model
 
 
+def unload(model: nn.Module, cls: type[AdapterLayer]) -> nn.Module:
+    """Replace every ``cls`` layer by its base layer, once all its adapters are merged into it: the base
+    architecture with the merged weights, no wrapper and no method record left, so that a forward pass is the base
+    model's own (peft's ``merge_and_unload``). A merged layer still costs a wrapper's call per pass; an unloaded
+    one nothing. There is no way back. Refused, before anything changes, where a layer holds an adapter that is not
+    merged: unloading would drop it."""
+    found = adapter_layers(model, cls)
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no {cls.method} layers: apply {cls.method} first.")
+    for name, layer in found.items():
+        if left := [adapter for adapter in layer.adapter_names if adapter not in layer.merged]:
+            raise RuntimeError(
+                f"{name} holds {cls.method} adapter(s) {left} that are not merged, and unloading would drop them: "
+                "merge first (make them the active ones), or load a fresh base model."
+            )
+    for name, layer in found.items():
+        model.set_submodule(name, layer.base_layer)
+    if record(model) is not None and not adapter_layers(model):
+        object.__delattr__(model, "peftlab")
+    return model
+
+
 class ModelWrapper(nn.Module):
     """A whole-model wrapper (soft prompts, prefixes): the transformers model is ``base_model``; ``enabled`` False
     runs it as it is."""

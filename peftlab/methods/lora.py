@@ -289,6 +289,18 @@ def merge(model: nn.Module) -> nn.Module:
     return layers.merge_all(model, LoRALinear)
 
 
+def merge_and_unload(model: nn.Module) -> nn.Module:
+    """:func:`merge`, then every LoRA layer replaced by its base layer (:func:`peftlab.methods.layers.unload`): the
+    base architecture with W + scaling · B A, as peft's ``merge_and_unload``. There is no way back."""
+    return unload(merge(model))
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Replace every merged LoRA layer by its base layer (:func:`peftlab.methods.layers.unload`); :func:`merge`
+    first."""
+    return layers.unload(model, LoRALinear)
+
+
 def unmerge(model: nn.Module) -> nn.Module:
     """Undo :func:`merge`, W ← W − scaling · B A (exact up to float rounding)."""
     return layers.unmerge_all(model, LoRALinear)
