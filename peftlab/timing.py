@@ -65,6 +65,13 @@ def median(times: list[float]) -> float:
     return statistics.median(times)
 
 
+def quartiles(times: list[float]) -> tuple[float, float]:
+    """The first and third quartiles of the step times: the middle half of the timings lies between them, so two
+    rows whose ranges overlap are not told apart by this run."""
+    first, _, third = statistics.quantiles(times, n=4, method="inclusive")
+    return first, third
+
+
 def matmul_tflops(device: torch.device, n: int = 8192, warmup: int = 3, repeats: int = 10) -> dict:
     """Measured dense bf16 matmul throughput: an n × n × n product on random data (never zeros: they run faster),
     timed with CUDA events, the mean of ``repeats`` after ``warmup``. Returns TFLOP/s and how it was measured."""
