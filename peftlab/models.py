@@ -130,10 +130,21 @@ def offline_model_dir(alias: str) -> Path:
 
 
 def _special_tokens_agree(folder: Path) -> bool:
-    """Whether a converted folder's tokenizer names the end-of-sequence and pad tokens its model config names."""
-    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    return (tokenizer.eos_token_id, tokenizer.pad_token_id) == (config.get("eos_token_id"), config.get("pad_token_id"))
+    """Whether a converted folder's tokenizer names the end-of-sequence and pad tokens its model config names, read
+    from the saved files (``tokenizer_config.json`` names the tokens, ``tokenizer.json`` holds their ids), so that
+    checking costs no tokenizer load on every call of a loader."""
+
+    def read(name: str) -> dict:
+        return json.loads((folder / name).read_text(encoding="utf-8"))
+
+    config, tokenizer_config, tokenizer = read("config.json"), read("tokenizer_config.json"), read("tokenizer.json")
+    ids = {**tokenizer["model"].get("vocab", {}), **{t["content"]: t["id"] for t in tokenizer["added_tokens"]}}
+
+    def token_id(role: str) -> int | None:
+        token = tokenizer_config.get(f"{role}_token")
+        return ids.get(token["content"] if isinstance(token, dict) else token)
+
+    return (token_id("eos"), token_id("pad")) == (config.get("eos_token_id"), config.get("pad_token_id"))
 
 
 def convert_gguf(gguf_path: Path, out_dir: Path) -> Path:
