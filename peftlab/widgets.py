@@ -33,7 +33,7 @@ from torch import nn
 
 from peftlab import generation, memory, models
 from peftlab.families import family_of
-from peftlab.methods import METHOD_NAMES, REGISTRY, apply_method, default_config
+from peftlab.methods import METHOD_NAMES, REGISTRY, adapter, apply_method, default_config
 from peftlab.methods.targets import ALL_LINEAR
 from peftlab.params import ParameterCount, count_parameters, summary_by_kind
 
@@ -45,6 +45,8 @@ TARGET_CHOICES = ("attention q,v", "all linear")
 METHOD_DEFAULT = "method default"
 RANKS = tuple(2**i for i in range(9))  # 1 … 256
 BOTTLENECKS = tuple(2**i for i in range(2, 11))  # 4 … 1024
+#: The adapters' placements by their papers' names (notebook 06): two per block, or one after the FFN's Add & Norm.
+PLACEMENT_CHOICES = {"Houlsby": adapter.HOULSBY, "Pfeiffer": adapter.PFEIFFER}
 BATCH_SIZES = tuple(2**i for i in range(7))  # 1 … 64
 SEQ_LENS = tuple(2**i for i in range(7, 14))  # 128 … 8192
 #: Errors that mean "this combination does not work", shown as a sentence; anything else is a bug.
@@ -53,7 +55,7 @@ GIB = 2**30
 #: The knobs' controls, laid out in rows (alpha is a knob of the pure functions, not a control).
 KNOB_ROWS = [
     ["r", "target_modules", "threshold"],
-    ["num_virtual_tokens", "bottleneck", "trainable_layers"],
+    ["num_virtual_tokens", "bottleneck", "placement", "trainable_layers"],
     ["num_adapters", "dropped"],
 ]
 KNOB_CONTROLS = [name for row in KNOB_ROWS for name in row]
@@ -76,13 +78,16 @@ def method_config(method: str, model: nn.Module, **knobs):
 
     The knobs of each method are the registry's (``KNOBS``): the LoRA family ``r``, ``alpha``, ``target_modules``
     (``"attention q,v"``, ``"all linear"``, or what :class:`~peftlab.methods.lora.LoRAConfig` takes), LoRA-drop's
-    ``threshold``; the soft prompts and prefixes ``num_virtual_tokens``; adapters ``bottleneck``; AdapterFusion
+    ``threshold``; the soft prompts and prefixes ``num_virtual_tokens``; adapters ``bottleneck`` and ``placement``
+    (``"Houlsby"``, ``"Pfeiffer"``, or what :class:`~peftlab.methods.adapter.AdapterConfig` takes); AdapterFusion
     ``num_adapters``, ``bottleneck`` and ``dropped`` (AdapterDrop's first blocks); Freeze ``trainable_layers``. A knob
     set to ``None`` keeps the default.
     """
     config = default_config(method, model)  # checks the method's name
     if knobs.get("target_modules") is not None:
         knobs = {**knobs, "target_modules": _lora_targets(knobs["target_modules"], model)}
+    if isinstance(knobs.get("placement"), str) and knobs["placement"] in PLACEMENT_CHOICES:
+        knobs = {**knobs, "placement": PLACEMENT_CHOICES[knobs["placement"]]}
     return REGISTRY[method].configure(config, **knobs)
 
 
@@ -244,6 +249,12 @@ def _knob_controls(architecture: str, knobs: dict) -> dict[str, widgets.Widget]:
         ),
         "bottleneck": widgets.SelectionSlider(
             options=BOTTLENECKS, value=knobs.get("bottleneck", 64), description="adapter bottleneck", style=_STYLE
+        ),
+        "placement": widgets.Dropdown(
+            options=tuple(PLACEMENT_CHOICES),
+            value=knobs.get("placement", "Houlsby"),
+            description="adapter placement",
+            style=_STYLE,
         ),
         "trainable_layers": widgets.IntSlider(
             value=min(knobs.get("trainable_layers", 2), layers),

@@ -240,6 +240,24 @@ def test_fusion_explorer_shows_its_knobs_and_dropping_follows_the_depth():
     assert explorer.error is None and explorer.result.trainable == 3 * 384**2 + 3 * 384
 
 
+def test_adapter_placement_knob_counts_pfeiffer_by_its_closed_form_and_refuses_it_on_a_pre_norm_model():
+    """Pfeiffer's one adapter per block has L(2md + d + m) parameters (BERT-base: L = 12, d = 768, m = 64), half of
+    Houlsby's two; both train the two LayerNorms of every adapted block (2 · 2d each). SmolLM2's pre-norm blocks have
+    no norm after the FFN's residual add to put it behind."""
+    assert widgets.method_config("adapter", models.meta_model("bert-base"), placement="Pfeiffer").placement == (
+        "ffn_after_norm",
+    )
+    houlsby = widgets.parameter_report("bert-base", "adapter", bottleneck=64).trainable
+    pfeiffer = widgets.parameter_report("bert-base", "adapter", bottleneck=64, placement="Pfeiffer").trainable
+    blocks, d, m = 12, 768, 64
+    norms = blocks * 2 * 2 * d
+    assert (houlsby, pfeiffer) == (2 * blocks * (2 * m * d + d + m) + norms, blocks * (2 * m * d + d + m) + norms)
+    explorer = widgets.parameter_explorer(architecture="smollm2-135m", method="adapter", placement="Pfeiffer")
+    assert explorer.result is None and "pre-norm" in explorer.summary.value
+    explorer.controls["placement"].value = "Houlsby"
+    assert explorer.error is None and explorer.result.trainable > 0
+
+
 def test_parameter_explorer_shows_a_failing_combination_as_a_sentence():
     explorer = widgets.parameter_explorer(architecture="llama-2-7b", method="bitfit")
     assert "has no bias parameters" in explorer.summary.value and explorer.result is None
