@@ -217,6 +217,11 @@ def test_the_first_batch_is_checked_in_peftlabs_words():
         [0, 1, 5, 2])}  # fmt: skip
     with pytest.raises(ValueError, match=r"A label is 5, but the model has 3 classes"):
         train.train(classifier, [too_high], train.TrainConfig(max_steps=1), progress=False)
+    negative = {**too_high, "labels": torch.tensor([0, -1, 2, -100])}  # -100 is ignored by the loss; -1 is a bug
+    with pytest.raises(ValueError, match=r"A label is -1: class labels run from 0"):
+        train.train(classifier, [negative], train.TrainConfig(max_steps=1), progress=False)
+    ignored = {**too_high, "labels": torch.tensor([0, -100, 2, 1])}
+    assert train.train(classifier, [ignored], train.TrainConfig(max_steps=1), progress=False).steps
 
 
 def test_a_merged_lora_has_no_gradient_and_is_refused_before_any_step():
