@@ -225,8 +225,8 @@ def check_first_batch(model: nn.Module, batch: dict, uses_model_loss: bool) -> N
     if is_classifier and num_labels and labels.max().item() >= num_labels:
         raise ValueError(f"A label is {labels.max().item()}, but the model has {num_labels} classes (0..."
                          f"{num_labels - 1}): load it with num_labels covering every label.")  # fmt: skip
-    negative = labels[(labels < 0) & (labels != -100)] if is_classifier else labels.new_empty(0)
-    if negative.numel():
+    negative = labels[(labels < 0) & (labels != -100)] if is_classifier else []
+    if len(negative):
         raise ValueError(f"A label is {negative[0].item()}: class labels run from 0 (-100 marks a row the loss "
                          "ignores). Map the data set's label names to 0, 1, ... (peftlab.data does).")  # fmt: skip
 
