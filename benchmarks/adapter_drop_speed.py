@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from datetime import date
@@ -36,7 +35,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftlab import env, models
+from peftlab import env, models, records
 from peftlab.methods import adapter, fusion
 from peftlab.params import count_parameters
 from peftlab.timing import alternate, median, quartiles, timed_steps, training_step
@@ -136,10 +135,7 @@ def main() -> None:
                              "steps": steps, "warmup": WARMUP, "rounds": rounds,
                              "statistic": "median, with the first and third quartiles"},
                 "rows": rows}  # fmt: skip
-    record = json.loads(args.out.read_text()) if args.out.exists() else {}
-    record.setdefault(device.type, []).append(measured)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
+    records.append_benchmark_run(args.out, device.type, measured)
     for row in rows:
         print(f"{row['model']:>22}: {row['trainable']:>10,} trainable; ms (Q1 median Q3): inference"
               f" {milliseconds(row, 'inference')}, training step {milliseconds(row, 'train_step')}")  # fmt: skip

@@ -22,7 +22,6 @@ the CPU, the machine's one-minute load average before and after (a shared machin
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from datetime import date
@@ -32,9 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftlab import env, models
+from peftlab import env, models, records
 from peftlab.methods import adapter
-from peftlab.timing import alternate, median, timed_steps
+from peftlab.timing import forward_latency
 
 RESULTS = Path(__file__).resolve().parent / "results" / "adapter_latency.json"
 BOTTLENECK = 64
@@ -50,11 +49,6 @@ def build(placement: tuple[str, ...] | None, device: torch.device) -> torch.nn.M
     if placement is not None:
         adapter.apply(model, adapter.AdapterConfig(bottleneck=BOTTLENECK, placement=placement))
     return model.to(device).eval()
-
-
-def forward_times(model, batch, device, steps: int, warmup: int) -> list[float]:
-    with torch.no_grad():
-        return timed_steps(lambda _: model(**batch), device, steps, warmup)
 
 
 def main() -> None:
@@ -76,28 +70,17 @@ def main() -> None:
         generator = torch.Generator().manual_seed(batch_size)
         ids = torch.randint(1000, built["base"].config.vocab_size, (batch_size, TOKENS), generator=generator)
         batch = {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids, device=device)}
-        for model in built.values():
-            forward_times(model, batch, device, steps=0, warmup=1)
-        timed = alternate({name: lambda m=model, b=batch: forward_times(m, b, device, steps=1, warmup=0)
-                           for name, model in built.items()}, args.rounds)  # fmt: skip
         row = {"batch_size": batch_size, "tokens": TOKENS, "passes_per_model": args.rounds,
-               "base_ms": 1e3 * median(timed["base"])}  # fmt: skip
-        for name in VARIANTS:
-            row[f"{name}_ms"] = 1e3 * median(timed[name])
-            row[f"{name}_slowdown"] = median([a / b for a, b in zip(timed[name], timed["base"], strict=True)]) - 1
+               **forward_latency(built, batch, device, args.rounds)}  # fmt: skip
         rows.append(row)
         print(f"batch {batch_size:>3} × {TOKENS}: base {row['base_ms']:7.2f} ms, "
               + ", ".join(f"{n} {row[f'{n}_ms']:7.2f} ms ({100 * row[f'{n}_slowdown']:+.1f} %)" for n in VARIANTS),
               flush=True)  # fmt: skip
-    record = json.loads(args.out.read_text()) if args.out.exists() else {}
     measured = {"device": env.device_name(device), "date": date.today().isoformat(), "dtype": "fp32",
                 "threads": torch.get_num_threads(), "bottleneck": BOTTLENECK,
                 "load_average_1min": None if load_before is None else [load_before, os.getloadavg()[0]],
                 "versions": env.package_versions(), "rows": rows}  # fmt: skip
-    record.setdefault(device.type, []).append(measured)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {records.append_benchmark_run(args.out, device.type, measured)}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 from datetime import date
@@ -32,9 +31,9 @@ from pathlib import Path
 
 import torch
 
-from peftlab import env, models
+from peftlab import env, models, records
 from peftlab.methods import ia3
-from peftlab.timing import alternate, median, timed_steps
+from peftlab.timing import forward_latency
 
 RESULTS = Path(__file__).resolve().parent / "results" / "ia3_merge_latency.json"
 BATCH_SIZES = (1, 8, 32)
@@ -56,11 +55,6 @@ def build(device: torch.device) -> dict[str, torch.nn.Module]:
     unloaded = ia3.merge_and_unload(copy.deepcopy(unmerged))
     return {label: model.to(device).eval() for label, model in
             (("base", base), ("unmerged", unmerged), ("merged", merged), ("unloaded", unloaded))}  # fmt: skip
-
-
-def forward_times(model, batch, device, steps: int, warmup: int) -> list[float]:
-    with torch.no_grad():
-        return timed_steps(lambda _: model(**batch), device, steps, warmup)
 
 
 def main() -> None:
@@ -87,29 +81,18 @@ def main() -> None:
         difference = max((merged - unmerged).abs().max().item(), (unloaded - unmerged).abs().max().item())
         if difference > 1e-4:
             sys.exit(f"merged or unloaded (IA)³ differs from unmerged by {difference:.1e}: merging is broken.")
-        for model in built.values():
-            forward_times(model, batch, device, steps=0, warmup=1)
-        timed = alternate({label: lambda m=model, b=batch: forward_times(m, b, device, steps=1, warmup=0)
-                           for label, model in built.items()}, args.rounds)  # fmt: skip
         row = {"batch_size": batch_size, "tokens": TOKENS, "passes_per_model": args.rounds,
-               "max_abs_logit_difference_to_unmerged": difference}  # fmt: skip
-        for label in built:
-            row[f"{label}_ms"] = 1e3 * median(timed[label])
-        for label in VARIANTS:
-            row[f"{label}_slowdown"] = median([a / b for a, b in zip(timed[label], timed["base"], strict=True)]) - 1
+               "max_abs_logit_difference_to_unmerged": difference,
+               **forward_latency(built, batch, device, args.rounds)}  # fmt: skip
         rows.append(row)
         print(f"batch {batch_size:>3} × {TOKENS}: base {row['base_ms']:7.2f} ms, "
               + ", ".join(f"{v} {row[f'{v}_ms']:7.2f} ms ({100 * row[f'{v}_slowdown']:+.1f} %)" for v in VARIANTS),
               flush=True)  # fmt: skip
-    record = json.loads(args.out.read_text()) if args.out.exists() else {}
     measured = {"device": env.device_name(device), "date": date.today().isoformat(), "dtype": "fp32",
                 "threads": torch.get_num_threads(),
                 "load_average_1min": None if load_before is None else [load_before, os.getloadavg()[0]],
                 "versions": env.package_versions(), "rows": rows}  # fmt: skip
-    record.setdefault(device.type, []).append(measured)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.out}")
+    print(f"wrote {records.append_benchmark_run(args.out, device.type, measured)}")
 
 
 if __name__ == "__main__":

@@ -106,6 +106,20 @@ def write_full_run(
     return write(full_run_record(run, fields, seeds), record_path(notebook, folder), replace=replace)
 
 
+def append_benchmark_run(path: str | Path, device_type: str, run: dict[str, Any]) -> Path:
+    """A benchmark's record keeps every run, per device type (``{"cpu": [run, ...], "cuda": [...]}``), so that
+    repeated runs show the spread: ``run`` is appended under ``device_type``, the others kept, and the file replaced
+    only once the whole text is written."""
+    path = Path(path)
+    record = json.loads(path.read_text()) if path.exists() else {}
+    record.setdefault(device_type, []).append(run)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(record, indent=1) + "\n")
+    partial.replace(path)
+    return path
+
+
 def read(notebook: str | int, folder: str | Path = RESULTS) -> dict[str, Any] | None:
     """The record of notebook ``NN``'s full run, or ``None`` where there is none (a notebook opened on its own, as
     on Colab). A file that is not a full run's record is an error."""

@@ -1,6 +1,7 @@
 """The one step timer: a training step timed with the device synchronised around it, two sides timed in
-alternating blocks (so drift falls on both), and the GPU's own dense bf16 matmul throughput, the ceiling a step is
-held against. The notebooks and the benchmarks time with it."""
+alternating blocks (so drift falls on both), models' forward passes taken in turn with their paired slowdown
+against a base, and the GPU's own dense bf16 matmul throughput, the ceiling a step is held against. The notebooks
+and the benchmarks time with it."""
 
 from __future__ import annotations
 
@@ -59,6 +60,29 @@ def alternate(sides: dict[str, Callable[[], list[float]]], rounds: int = 3) -> d
         for name, block in sides.items():
             timed[name] += block()
     return timed
+
+
+def forward_latency(
+    models: dict[str, torch.nn.Module], batch: dict, device: torch.device, rounds: int, base: str = "base"
+) -> dict[str, float]:
+    """Each model's forward pass on ``batch`` (no gradients), one warm-up pass each, then one pass per model in
+    turn for ``rounds`` rounds (so drift falls on all): ``{label}_ms``, the median in ms, and for every model but
+    ``base`` ``{label}_slowdown``, the median over the rounds of the paired ratio model / base, minus 1 (a shared
+    machine's swings cancel in a pair of neighbouring passes, not in two medians)."""
+
+    def passes(model: torch.nn.Module, steps: int, warmup: int) -> list[float]:
+        with torch.no_grad():
+            return timed_steps(lambda _: model(**batch), device, steps, warmup)
+
+    for model in models.values():
+        passes(model, steps=0, warmup=1)
+    timed = alternate({label: lambda m=model: passes(m, steps=1, warmup=0) for label, model in models.items()},
+                      rounds)  # fmt: skip
+    row = {f"{label}_ms": 1e3 * median(times) for label, times in timed.items()}
+    for label, times in timed.items():
+        if label != base:
+            row[f"{label}_slowdown"] = median([a / b for a, b in zip(times, timed[base], strict=True)]) - 1
+    return row
 
 
 def median(times: list[float]) -> float:

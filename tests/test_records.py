@@ -126,3 +126,13 @@ def test_the_committed_records_read_back(path):
     record = records.read(path.name[:2], path.parent)
     assert record["profile"] == "full" and {"date", "device", "versions"} <= set(record)
     assert quoted_figures(record)  # something the prose quotes
+
+
+def test_a_benchmark_run_is_appended_under_its_device_type_and_the_earlier_runs_are_kept(tmp_path):
+    path = tmp_path / "results" / "bench.json"
+    records.append_benchmark_run(path, "cpu", {"date": "2026-12-03", "rows": [1]})
+    records.append_benchmark_run(path, "cuda", {"date": "2026-12-04", "rows": [2]})
+    records.append_benchmark_run(path, "cpu", {"date": "2026-12-04", "rows": [3]})
+    cpu_runs = [{"date": "2026-12-03", "rows": [1]}, {"date": "2026-12-04", "rows": [3]}]
+    assert json.loads(path.read_text()) == {"cpu": cpu_runs, "cuda": [{"date": "2026-12-04", "rows": [2]}]}
+    assert [p.name for p in path.parent.iterdir()] == ["bench.json"]  # no partial file left behind
