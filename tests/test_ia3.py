@@ -140,6 +140,15 @@ def test_unload_refuses_an_adapter_that_is_not_merged_before_anything_changes():
     assert layers.adapter_layers(model, ia3.IA3Scaled) and layers.record(model) is not None
 
 
+def test_merge_and_unload_refuses_an_adapter_merging_would_leave_out_before_anything_is_merged():
+    model = ia3.apply(tiny("llama"), ia3.IA3Config())
+    ia3.apply(model, ia3.IA3Config(), adapter="other")  # merging would fold "other" in and drop "default"
+    with pytest.raises(RuntimeError, match=r"adapter\(s\) \['default'\] that are not merged"):
+        ia3.merge_and_unload(model)
+    found = layers.adapter_layers(model, ia3.IA3Scaled)
+    assert found and not any(layer.merged for layer in found.values())  # nothing merged
+
+
 def test_merge_scales_rows_columns_and_biases_as_the_formulas_say():
     """Output scaling: W' = diag(l) W, b' = l ⊙ b. Input scaling: W' = W diag(l), b' = b. Conv1D stores Wᵀ."""
     torch.manual_seed(0)

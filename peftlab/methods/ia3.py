@@ -274,7 +274,7 @@ def merge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """:func:`merge`, then every (IA)³ layer replaced by its base layer (:func:`peftlab.methods.layers.unload`):
     the base architecture with the scaled weights, at exactly the base model's cost. There is no way back."""
-    return unload(merge(model))
+    return layers.merge_and_unload(model, IA3Scaled)
 
 
 def unload(model: nn.Module) -> nn.Module:

@@ -155,12 +155,18 @@ def adapter_layers(model: nn.Module, cls: type[AdapterLayer] = AdapterLayer) -> 
     return {name: module for name, module in model.named_modules() if isinstance(module, cls)}
 
 
-def merged_layers(model: nn.Module, cls: type[AdapterLayer], merge: bool) -> dict[str, AdapterLayer]:
-    """The layers that :func:`merge_all` (``merge=True``) or :func:`unmerge_all` would change, checked: the model has
-    such layers, and none is merged yet (or some are, to unmerge)."""
+def _layers_of(model: nn.Module, cls: type[AdapterLayer]) -> dict[str, AdapterLayer]:
+    """The ``cls`` layers, refused where the model has none."""
     found = adapter_layers(model, cls)
     if not found:
         raise ValueError(f"{type(model).__name__} has no {cls.method} layers: apply {cls.method} first.")
+    return found
+
+
+def merged_layers(model: nn.Module, cls: type[AdapterLayer], merge: bool) -> dict[str, AdapterLayer]:
+    """The layers that :func:`merge_all` (``merge=True``) or :func:`unmerge_all` would change, checked: the model has
+    such layers, and none is merged yet (or some are, to unmerge)."""
+    found = _layers_of(model, cls)
     if merge and any(layer.merged for layer in found.values()):
         raise RuntimeError(f"The model's {cls.method} is already merged: merging twice would apply it twice. Unmerge "
                            "first.")  # fmt: skip
@@ -190,15 +196,32 @@ def unload(model: nn.Module, cls: type[AdapterLayer]) -> nn.Module:
     model's own (peft's ``merge_and_unload``). A merged layer still costs a wrapper's call per pass; an unloaded
     one nothing. There is no way back. Refused, before anything changes, where a layer holds an adapter that is not
     merged: unloading would drop it."""
-    found = adapter_layers(model, cls)
-    if not found:
-        raise ValueError(f"{type(model).__name__} has no {cls.method} layers: apply {cls.method} first.")
+    found = _layers_of(model, cls)
+    _refuse_dropping_adapters(found, cls, merging=False)
+    return _replace_by_base_layers(model, found)
+
+
+def merge_and_unload(model: nn.Module, cls: type[AdapterLayer]) -> nn.Module:
+    """:func:`merge_all`, then :func:`unload`, checked for both before either changes the model: an adapter that
+    merging would leave out (not active) is refused before anything is merged."""
+    found = merged_layers(model, cls, merge=True)
+    _refuse_dropping_adapters(found, cls, merging=True)
+    return _replace_by_base_layers(merge_all(model, cls), found)
+
+
+def _refuse_dropping_adapters(found: dict[str, AdapterLayer], cls: type[AdapterLayer], merging: bool) -> None:
+    """Unloading keeps only what is merged into the base weights (with ``merging``: also what merging adds, the
+    active adapters); any other adapter would be lost."""
     for name, layer in found.items():
-        if left := [adapter for adapter in layer.adapter_names if adapter not in layer.merged]:
+        kept = set(layer.merged) | (set(layer.active) if merging else set())
+        if left := [adapter for adapter in layer.adapter_names if adapter not in kept]:
             raise RuntimeError(
                 f"{name} holds {cls.method} adapter(s) {left} that are not merged, and unloading would drop them: "
                 "merge first (make them the active ones), or load a fresh base model."
             )
+
+
+def _replace_by_base_layers(model: nn.Module, found: dict[str, AdapterLayer]) -> nn.Module:
     for name, layer in found.items():
         model.set_submodule(name, layer.base_layer)
     if record(model) is not None and not adapter_layers(model):

@@ -292,7 +292,7 @@ def merge(model: nn.Module) -> nn.Module:
 def merge_and_unload(model: nn.Module) -> nn.Module:
     """:func:`merge`, then every LoRA layer replaced by its base layer (:func:`peftlab.methods.layers.unload`): the
     base architecture with W + scaling · B A, as peft's ``merge_and_unload``. There is no way back."""
-    return unload(merge(model))
+    return layers.merge_and_unload(model, LoRALinear)
 
 
 def unload(model: nn.Module) -> nn.Module:
